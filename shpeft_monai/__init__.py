@@ -1,0 +1,1 @@
+"""SH-PEFT for MONAI."""
