@@ -1,1 +1,45 @@
-"""SH-PEFT for MONAI."""
+"""SH-PEFT for MONAI: select ~0.01 % of a pretrained vision model's weights by hybrid importance,
+train only those, and ship the result as a tiny sparse delta."""
+
+from __future__ import annotations
+
+from .config import SHPEFTConfig
+from .io import DeltaFileError, load_delta, save_delta
+from .model import (
+    apply_delta,
+    eject,
+    eligible_parameters,
+    extract_delta,
+    get_mask,
+    inject,
+    load_delta_values,
+    mask_summary,
+    merge,
+    trainable_parameters,
+    trainable_report,
+)
+from .pipeline import select_mask
+from .sparse import DeltaMismatchError, SparseDelta, SparseMask
+
+__all__ = [
+    "DeltaFileError",
+    "DeltaMismatchError",
+    "SHPEFTConfig",
+    "SparseDelta",
+    "SparseMask",
+    "apply_delta",
+    "eject",
+    "eligible_parameters",
+    "extract_delta",
+    "get_mask",
+    "inject",
+    "load_delta",
+    "load_delta_values",
+    "mask_summary",
+    "merge",
+    "save_delta",
+    "select_mask",
+    "trainable_parameters",
+    "trainable_report",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,168 @@
+"""Bounded calibration pass: task-specific gradient statistics without any optimizer step on them.
+
+Runs ``config.calibration_batches`` batches through the model in eval mode (no dropout, frozen
+norm statistics), back-propagates the task loss into the eligible tensors only, and accumulates L1
+or L2 gradient statistics (or their Taylor variants). Two calibration losses:
+
+* ``ce``: cross-entropy through the classification head; with ``head_warmup_steps > 0`` the head is
+  first trained alone for that many steps so that a random head does not drive the gradients;
+* ``supcon``: a head-free supervised contrastive loss on pooled features (as GPS does); needs a
+  timm-style ``forward_features`` / ``forward_head(..., pre_logits=True)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import SHPEFTConfig
+from .scoring import _check_finite, accumulate_gradient
+
+__all__ = ["calibrate", "default_prepare_batch", "supervised_contrastive_loss", "warm_up_head"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_prepare_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``{"image", "label"}`` dicts (MONAI) or ``(x, y)`` pairs -> tensors on ``device``."""
+    if isinstance(batch, Mapping):
+        x, y = batch["image"], batch["label"]
+    else:
+        x, y = batch[0], batch[1]
+    y = torch.as_tensor(y).reshape(-1).long()
+    return torch.as_tensor(x).to(device), y.to(device)
+
+
+def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020) over one batch of pooled features."""
+    z = F.normalize(features.float(), dim=1)
+    logits = z @ z.T / temperature
+    n = z.shape[0]
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    count = positives.sum(1)
+    valid = count > 0
+    if not bool(valid.any()):
+        return (z * 0).sum()  # no positive pair in this batch: zero loss, zero gradient
+    per_anchor = -(log_prob.masked_fill(~positives, 0).sum(1)[valid]) / count[valid]
+    return per_anchor.mean()
+
+
+def _pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        raise TypeError(
+            f"calibration_loss='supcon' needs forward_features/forward_head (timm models); "
+            f"{type(model).__name__} has none. Use calibration_loss='ce'."
+        )
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def _batches(loader: Iterable, n: int, what: str) -> Iterable:
+    it = itertools.islice(loader, n)
+    first = next(it, None)
+    if first is None:
+        raise ValueError(f"the {what} loader yielded no batches; give it at least one batch of task data.")
+    return itertools.chain([first], it)
+
+
+def warm_up_head(
+    model: nn.Module,
+    loader: Iterable,
+    head: Mapping[str, nn.Parameter],
+    steps: int,
+    *,
+    device: torch.device,
+    lr: float = 1e-3,
+    prepare_batch: Callable = default_prepare_batch,
+    progress: bool = True,
+) -> None:
+    """Train the head alone for ``steps`` steps (backbone frozen), cycling over the loader."""
+    if steps <= 0 or not head:
+        return
+    states = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in head.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(list(head.values()), lr=lr, weight_decay=0.0)
+    was_training = model.training
+    model.eval()
+    data = itertools.cycle(list(_batches(loader, steps, "head warm-up")))
+    try:
+        for _ in tqdm(range(steps), desc="head warm-up", disable=not progress, leave=False):
+            x, y = prepare_batch(next(data), device)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for p, s in states.items():
+            p.requires_grad_(s)
+        model.train(was_training)
+
+
+def calibrate(
+    model: nn.Module,
+    loader: Iterable,
+    params: Mapping[str, nn.Parameter],
+    config: SHPEFTConfig,
+    *,
+    device: torch.device | str | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    prepare_batch: Callable = default_prepare_batch,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Accumulate task-specific importance of ``params`` over the first calibration batches.
+
+    Returns:
+        name -> float32 CPU tensor of the same shape, ``sum |g|`` (l1) or ``sum g^2`` (l2), or the
+        Taylor variants.
+
+    Raises:
+        ValueError: the loader yields no batch. FloatingPointError: a loss or gradient is NaN/Inf.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    states = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    ce = loss_fn or F.cross_entropy
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+            p.grad = None
+        batches = _batches(loader, config.calibration_batches, "calibration")
+        for i, batch in enumerate(tqdm(batches, total=config.calibration_batches, desc="calibration",
+                                       disable=not progress, leave=False)):
+            x, y = prepare_batch(batch, device)
+            if config.calibration_loss == "supcon":
+                loss = supervised_contrastive_loss(_pooled_features(model, x), y)
+            else:
+                loss = ce(model(x), y)
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(
+                    f"calibration loss is {loss.item()} at batch {i}: check the input data for NaN/Inf."
+                )
+            loss.backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    _check_finite(n, p.grad, f"gradient (calibration batch {i}) of")
+                    accumulate_gradient(acc[n], p.grad, p, config.task_estimator, config.taylor)
+                    p.grad = None
+    finally:
+        for p, s in states.items():
+            p.requires_grad_(s)
+            p.grad = None
+        model.train(was_training)
+    return {n: a.to("cpu") for n, a in acc.items()}
