@@ -40,7 +40,9 @@ def default_prepare_batch(batch: Any, device: torch.device) -> tuple[torch.Tenso
     return torch.as_tensor(x).to(device), y.to(device)
 
 
-def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+def supervised_contrastive_loss(
+    features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07
+) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020) over one batch of pooled features."""
     z = F.normalize(features.float(), dim=1)
     logits = z @ z.T / temperature
@@ -143,8 +145,15 @@ def calibrate(
             p.requires_grad_(True)
             p.grad = None
         batches = _batches(loader, config.calibration_batches, "calibration")
-        for i, batch in enumerate(tqdm(batches, total=config.calibration_batches, desc="calibration",
-                                       disable=not progress, leave=False)):
+        for i, batch in enumerate(
+            tqdm(
+                batches,
+                total=config.calibration_batches,
+                desc="calibration",
+                disable=not progress,
+                leave=False,
+            )
+        ):
             x, y = prepare_batch(batch, device)
             if config.calibration_loss == "supcon":
                 loss = supervised_contrastive_loss(_pooled_features(model, x), y)

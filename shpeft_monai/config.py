@@ -113,13 +113,9 @@ class SHPEFTConfig:
                 raise ValueError(f"SHPEFTConfig.{name}={v!r} must lie in [0, 1].")
         unknown = set(self.eligible) - set(_KINDS)
         if not self.eligible or unknown:
-            raise ValueError(
-                f"SHPEFTConfig.eligible={self.eligible!r}: use a non-empty subset of {_KINDS}."
-            )
+            raise ValueError(f"SHPEFTConfig.eligible={self.eligible!r}: use a non-empty subset of {_KINDS}.")
         if self.calibration_batches < 1:
-            raise ValueError(
-                f"SHPEFTConfig.calibration_batches={self.calibration_batches!r} must be >= 1."
-            )
+            raise ValueError(f"SHPEFTConfig.calibration_batches={self.calibration_batches!r} must be >= 1.")
         if self.head_warmup_steps < 0:
             raise ValueError(f"SHPEFTConfig.head_warmup_steps={self.head_warmup_steps!r} must be >= 0.")
 

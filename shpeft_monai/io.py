@@ -123,7 +123,9 @@ def delta_from_bytes(data: bytes, where: str = "<bytes>") -> SparseDelta:
     header = _header(data, where)
     meta = header.get("__metadata__") or {}
     if meta.get("format") != FORMAT:
-        raise DeltaFileError(f"{where}: format {meta.get('format')!r} is not {FORMAT!r}; is this a delta file?")
+        raise DeltaFileError(
+            f"{where}: format {meta.get('format')!r} is not {FORMAT!r}; is this a delta file?"
+        )
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types
@@ -142,10 +144,14 @@ def delta_from_bytes(data: bytes, where: str = "<bytes>") -> SparseDelta:
         mask = SparseMask.from_arrays({"indices": idx.numpy()}, layout)
         values = mask.unpack(vals)
         head = {k[len("head.") :]: t for k, t in tensors.items() if k.startswith("head.")}
-        bad_head = [k for k, t in head.items() if not t.is_floating_point() or not bool(torch.isfinite(t).all())]
+        bad_head = [
+            k for k, t in head.items() if not t.is_floating_point() or not bool(torch.isfinite(t).all())
+        ]
         if bad_head:
             raise DeltaMismatchError(f"head tensors {bad_head} are not finite floating-point tensors.")
-        return SparseDelta(mask, values, head, json.loads(meta.get("config", "{}")), json.loads(meta.get("meta", "{}")))
+        return SparseDelta(
+            mask, values, head, json.loads(meta.get("config", "{}")), json.loads(meta.get("meta", "{}"))
+        )
     except (DeltaMismatchError, KeyError, json.JSONDecodeError, TypeError) as exc:
         raise DeltaFileError(f"{where}: {exc}") from exc
 

@@ -32,9 +32,7 @@ _CHUNK = 4096  # selected entries per chunk in the backward pass (bounds T x chu
 def _init_site(site: nn.Module, weight: torch.Tensor, index: torch.Tensor) -> None:
     index = index.to(weight.device, torch.int64)
     site.register_buffer("shpeft_index", index, persistent=False)
-    site.register_buffer(
-        "shpeft_base", weight.detach().reshape(-1)[index].clone().float(), persistent=False
-    )
+    site.register_buffer("shpeft_base", weight.detach().reshape(-1)[index].clone().float(), persistent=False)
     site.shpeft_delta = nn.Parameter(torch.zeros(index.numel(), device=weight.device))
 
 
@@ -73,7 +71,7 @@ def _entry_grads(go: torch.Tensor, rows: torch.Tensor, xs: torch.Tensor, cols: t
 
 class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, rows, ucols, colpos):  # noqa: ARG004 (delta: for autograd)
+    def forward(ctx, x, weight, bias, delta, rows, ucols, colpos):
         out = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         ctx.weight = weight  # a persistent frozen buffer; no copy is saved
         ctx.has_bias = bias is not None
@@ -113,13 +111,19 @@ class SparseLinear(nn.Linear, _SparseSite):
         if not torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         return _SparseLinearFn.apply(
-            x, self.weight, self.bias, self.shpeft_delta, self.shpeft_rows, self.shpeft_ucols, self.shpeft_colpos
+            x,
+            self.weight,
+            self.bias,
+            self.shpeft_delta,
+            self.shpeft_rows,
+            self.shpeft_ucols,
+            self.shpeft_colpos,
         )
 
 
 class _SparseConv2dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, rows, uchan, colpos, conv):  # noqa: ARG004
+    def forward(ctx, x, weight, bias, delta, rows, uchan, colpos, conv):
         stride, padding, dilation, groups = conv
         w = weight.to(x.dtype)
         out = F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
@@ -172,7 +176,14 @@ class SparseConv2d(nn.Conv2d, _SparseSite):
             return self._conv_forward(x, self.weight, self.bias)
         conv = (self.stride, self.padding, self.dilation, self.groups)
         return _SparseConv2dFn.apply(
-            x, self.weight, self.bias, self.shpeft_delta, self.shpeft_rows, self.shpeft_uchan, self.shpeft_colpos, conv
+            x,
+            self.weight,
+            self.bias,
+            self.shpeft_delta,
+            self.shpeft_rows,
+            self.shpeft_uchan,
+            self.shpeft_colpos,
+            conv,
         )
 
 
@@ -182,11 +193,7 @@ def fast_path_class(module: nn.Module, param_name: str) -> type[nn.Module] | Non
         return None
     if type(module) is nn.Linear:
         return SparseLinear
-    if (
-        type(module) is nn.Conv2d
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    ):
+    if type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
         return SparseConv2d
     return None
 

@@ -104,7 +104,9 @@ def eligible_parameters(model: nn.Module, config: SHPEFTConfig) -> dict[str, nn.
                 out[full] = plist.original
     if not out:
         kinds = Counter(
-            parameter_kind(m, n) for _, m in model.named_modules() for n, _ in m.named_parameters(recurse=False)
+            parameter_kind(m, n)
+            for _, m in model.named_modules()
+            for n, _ in m.named_parameters(recurse=False)
         )
         raise ValueError(
             f"no parameter is eligible for SH-PEFT: eligible={config.eligible}, include={config.include}, "
@@ -190,7 +192,9 @@ def inject(model: nn.Module, mask: SparseMask, config: SHPEFTConfig | None = Non
             module.__class__ = cls
             module.setup_sparse(index)
         else:
-            parametrize.register_parametrization(module, pname, SparseOverwrite(getattr(module, pname), index))
+            parametrize.register_parametrization(
+                module, pname, SparseOverwrite(getattr(module, pname), index)
+            )
     model._shpeft_mask = mask
     model._shpeft_config = config
     return model
@@ -232,8 +236,16 @@ def _unwrap(model: nn.Module, keep_delta: bool) -> nn.Module:
         module = model.get_submodule(mod_name)
         if isinstance(module, _SparseSite):
             module._sync_weight() if keep_delta else module.restore_base()
-            for attr in ("shpeft_delta", "shpeft_index", "shpeft_base", "shpeft_rows", "shpeft_ucols",
-                         "shpeft_uchan", "shpeft_colpos", "_shpeft_synced"):
+            for attr in (
+                "shpeft_delta",
+                "shpeft_index",
+                "shpeft_base",
+                "shpeft_rows",
+                "shpeft_ucols",
+                "shpeft_uchan",
+                "shpeft_colpos",
+                "_shpeft_synced",
+            ):
                 if hasattr(module, attr):
                     delattr(module, attr)
             module.__class__ = module.__class__.__mro__[1]  # SparseLinear -> nn.Linear, ...

@@ -65,11 +65,25 @@ def select_mask(
                 "importance: pass a calibration loader, or use hybrid='task_agnostic'."
             )
         if config.calibration_loss == "ce" and config.head_warmup_steps:
-            warm_up_head(model, loader, head_parameters(model, config), config.head_warmup_steps,
-                         device=device or next(model.parameters()).device, prepare_batch=prepare_batch,
-                         progress=progress)
-        ts = calibrate(model, loader, params, config, device=device, loss_fn=loss_fn,
-                       prepare_batch=prepare_batch, progress=progress)
+            warm_up_head(
+                model,
+                loader,
+                head_parameters(model, config),
+                config.head_warmup_steps,
+                device=device or next(model.parameters()).device,
+                prepare_batch=prepare_batch,
+                progress=progress,
+            )
+        ts = calibrate(
+            model,
+            loader,
+            params,
+            config,
+            device=device,
+            loss_fn=loss_fn,
+            prepare_batch=prepare_batch,
+            progress=progress,
+        )
     picked = select_indices(config, k, ts, ta)
     mask = SparseMask(
         picked,
@@ -80,7 +94,11 @@ def select_mask(
     summary = mask_summary(mask)
     logger.info(
         "SH-PEFT selected %d of %d eligible weights (%.4f%%) in %d tensors in %.1fs; per block: %s",
-        mask.k, n_eligible, 100 * mask.k / n_eligible, len(mask.indices),
-        mask.meta["selection_seconds"], summary["by_block"],
+        mask.k,
+        n_eligible,
+        100 * mask.k / n_eligible,
+        len(mask.indices),
+        mask.meta["selection_seconds"],
+        summary["by_block"],
     )
     return mask

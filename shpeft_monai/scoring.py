@@ -13,7 +13,13 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["accumulate_gradient", "normalize_scores", "random_scores", "task_agnostic_scores", "weighted_scores"]
+__all__ = [
+    "accumulate_gradient",
+    "normalize_scores",
+    "random_scores",
+    "task_agnostic_scores",
+    "weighted_scores",
+]
 
 Scores = dict[str, torch.Tensor]
 

@@ -139,9 +139,17 @@ def select_indices(
     mode = config.hybrid
     if mode in ("union", "weighted", "task_specific") and config.needs_task_data and task_specific is None:
         raise ValueError(f"hybrid={mode!r} needs task-specific scores: pass a calibration loader.")
-    if mode == "task_agnostic" or (mode == "union" and config.rho == 0) or (mode == "weighted" and config.lam == 0):
+    if (
+        mode == "task_agnostic"
+        or (mode == "union" and config.rho == 0)
+        or (mode == "weighted" and config.lam == 0)
+    ):
         picked = topk_entries(task_agnostic, k, config.threshold)
-    elif mode == "task_specific" or (mode == "union" and config.rho == 1) or (mode == "weighted" and config.lam == 1):
+    elif (
+        mode == "task_specific"
+        or (mode == "union" and config.rho == 1)
+        or (mode == "weighted" and config.lam == 1)
+    ):
         picked = topk_entries(task_specific, k, config.threshold)
     elif mode == "random":
         picked = topk_entries(random_scores(task_agnostic, config.seed), k, config.threshold)

@@ -74,9 +74,7 @@ class SparseMask:
             if idx.numel():
                 clean[name] = idx.contiguous()
         object.__setattr__(self, "indices", clean)
-        object.__setattr__(
-            self, "shapes", {n: tuple(int(s) for s in self.shapes[n]) for n in sorted(clean)}
-        )
+        object.__setattr__(self, "shapes", {n: tuple(int(s) for s in self.shapes[n]) for n in sorted(clean)})
 
     @property
     def k(self) -> int:
@@ -143,11 +141,7 @@ class SparseMask:
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Codec: ``{"indices": concatenated int64 indices}`` plus JSON-able metadata."""
-        idx = (
-            torch.cat(list(self.indices.values())).numpy()
-            if self.indices
-            else np.zeros(0, dtype=np.int64)
-        )
+        idx = torch.cat(list(self.indices.values())).numpy() if self.indices else np.zeros(0, dtype=np.int64)
         return {"indices": idx}, self.layout()
 
     @classmethod

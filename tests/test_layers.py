@@ -19,13 +19,26 @@ def _mask_for(model: nn.Module, names: list[str], per_tensor: int, seed: int = 0
 
 
 CASES = {
-    "linear": (lambda: nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 3)), (4, 7, 12), ["0.weight"]),
-    "conv": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)),
-             (2, 3, 9, 9), ["0.weight", "2.weight"]),
-    "depthwise": (lambda: nn.Sequential(nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=6), nn.Conv2d(6, 2, 1)),
-                  (2, 6, 8, 8), ["0.weight"]),
-    "conv3d_fallback": (lambda: nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1)),
-                        (2, 2, 5, 5, 5), ["0.weight"]),
+    "linear": (
+        lambda: nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 3)),
+        (4, 7, 12),
+        ["0.weight"],
+    ),
+    "conv": (
+        lambda: nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)),
+        (2, 3, 9, 9),
+        ["0.weight", "2.weight"],
+    ),
+    "depthwise": (
+        lambda: nn.Sequential(nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=6), nn.Conv2d(6, 2, 1)),
+        (2, 6, 8, 8),
+        ["0.weight"],
+    ),
+    "conv3d_fallback": (
+        lambda: nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1)),
+        (2, 2, 5, 5, 5),
+        ["0.weight"],
+    ),
     "bias_fallback": (lambda: nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)), (3, 5), ["0.bias"]),
 }
 
@@ -45,8 +58,14 @@ def test_selected_gradient_equals_dense_autograd(case: str) -> None:
     ref_params = dict(ref.named_parameters())
     for name, module in base.named_modules():
         if hasattr(module, "shpeft_delta"):
-            owner = name.replace(".parametrizations", "").rsplit(".", 2)[0] if "parametrizations" in name else name
-            pname = name.split(".parametrizations.")[1].split(".")[0] if "parametrizations" in name else "weight"
+            owner = (
+                name.replace(".parametrizations", "").rsplit(".", 2)[0]
+                if "parametrizations" in name
+                else name
+            )
+            pname = (
+                name.split(".parametrizations.")[1].split(".")[0] if "parametrizations" in name else "weight"
+            )
             full = f"{owner}.{pname}"
             dense = ref_params[full].grad.reshape(-1)[mask.indices[full]]
             torch.testing.assert_close(module.shpeft_delta.grad.double(), dense, rtol=1e-5, atol=1e-6)
@@ -83,7 +102,7 @@ def test_unselected_weights_bit_identical_after_adamw_with_weight_decay() -> Non
     merge(net)
     after = dict(net.named_parameters())
     for name in ("0.weight", "2.weight", "2.bias"):
-        changed = torch.nonzero((after[name].reshape(-1) != before[name].reshape(-1))).squeeze(1)
+        changed = torch.nonzero(after[name].reshape(-1) != before[name].reshape(-1)).squeeze(1)
         assert set(changed.tolist()) <= set(mask.indices[name].tolist())
         assert changed.numel() > 0  # the selected entries did train
     for name in ("0.bias",):
