@@ -1,0 +1,523 @@
+"""Contracts of federated SH-PEFT: codec, validation of replies, sparse aggregation, mask agreement.
+
+Fast tests drive the strategy through an in-process fake grid (no Ray, no network); the end-to-end
+simulation on a tiny random ViT is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
+
+from federated import codec
+from federated.agreement import agree_mask, combine_candidates, flatten_layout, site_candidates
+from federated.codec import ReplyRejected
+from federated.strategy import SparseDeltaFedAvg
+from federated.task import site_partition
+from shpeft_monai import SHPEFTConfig, SparseMask
+from shpeft_monai.model import backbone_fingerprint, eligible_parameters
+from shpeft_monai.scoring import task_agnostic_scores
+
+HEAD = {"2.weight": (2, 8), "2.bias": (2,)}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages are created inside a Flower run; give the test process a run identity."""
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+CFG = SHPEFTConfig(budget=5, hybrid="union", rho=0.6, head=("2",))
+
+
+def tiny_setup():
+    model = tiny_model()
+    params = eligible_parameters(model, CFG)
+    ta = task_agnostic_scores(params)
+    return model, params, ta, backbone_fingerprint(model, CFG)
+
+
+def tiny_mask() -> SparseMask:
+    _, params, ta, fp = tiny_setup()
+    n = sum(p.numel() for p in params.values())
+    combined = np.zeros(n, np.float32)
+    combined[[1, 7, 20, 33]] = [0.9, 0.5, 0.7, 0.2]
+    return agree_mask(CFG, combined, ta, fp)
+
+
+def head_arrays(value: float) -> dict[str, np.ndarray]:
+    return {n: np.full(s, value, np.float32) for n, s in HEAD.items()}
+
+
+class FakeGrid:
+    """In-process grid: each node is a function message -> reply (None = the site drops out)."""
+
+    def __init__(self, handlers):
+        self.handlers = handlers
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.handlers)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            reply = self.handlers[msg.metadata.dst_node_id](msg)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+
+def request(node: int, content: RecordDict | None = None, kind: str = "train") -> Message:
+    return Message(content=content or RecordDict(), message_type=kind, dst_node_id=node)
+
+
+def reply(node: int, content: RecordDict) -> Message:
+    return Message(content=content, reply_to=request(node))
+
+
+def strategy_with(mask: SparseMask, **kw) -> SparseDeltaFedAvg:
+    s = SparseDeltaFedAvg(head_shapes=HEAD, max_examples=1000, fraction_evaluate=0.0, **kw)
+    s.mask = mask
+    return s
+
+
+# ------------------------------------------------------------------------------------------ codec
+def test_update_codec_round_trip():
+    mask = tiny_mask()
+    vals = np.arange(mask.k, dtype=np.float32) / 7
+    rd = codec.encode_update(
+        vals, head_arrays(0.5), mask.fingerprint, num_examples=12, metrics={"train-loss": 0.3}
+    )
+    v, h, n = codec.decode_update(rd, mask_fingerprint=mask.fingerprint, k=mask.k, head_shapes=HEAD)
+    assert np.array_equal(v, vals) and n == 12
+    assert all(np.array_equal(h[k], head_arrays(0.5)[k]) for k in HEAD)
+    # the packed vector is the core's layout: unpack gives per-tensor values in mask order
+    per_tensor = mask.unpack(torch.from_numpy(v))
+    assert np.array_equal(mask.pack(per_tensor).numpy(), vals)
+
+
+def test_mask_codec_round_trip_and_tamper():
+    mask = tiny_mask()
+    rd = codec.encode_mask(mask)
+    back = codec.decode_mask(rd)
+    assert back.fingerprint == mask.fingerprint and back.k == mask.k
+    bad = np.array(rd[codec.MASK]["indices"].numpy())
+    bad[0] = (bad[0] + 1) % 48 if bad[0] + 1 not in bad else bad[0] + 2
+    bad.sort()
+    rd[codec.MASK] = ArrayRecord({"indices": codec._array(bad)})
+    with pytest.raises(ReplyRejected):
+        codec.decode_mask(rd)
+
+
+def test_candidates_codec_round_trip():
+    rd = codec.encode_candidates(
+        np.array([3, 9], np.int64),
+        np.array([0.5, 1.0], np.float32),
+        num_examples=10,
+        base_fingerprint="fp",
+        n_eligible=48,
+    )
+    idx, sc, n = codec.decode_candidates(rd, base_fingerprint="fp", n_eligible=48, max_candidates=4)
+    assert idx.tolist() == [3, 9] and sc.tolist() == [0.5, 1.0] and n == 10
+
+
+def test_record_nbytes_counts_payload():
+    small = codec.encode_update(np.zeros(10, np.float32), {}, "x")
+    big = codec.encode_update(np.zeros(1010, np.float32), {}, "x")
+    assert codec.record_nbytes(big) - codec.record_nbytes(small) >= 4000
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+def test_aggregation_is_weighted_mean_on_sparse_coordinates():
+    mask = tiny_mask()
+    s = strategy_with(mask)
+    rng = np.random.default_rng(0)
+    vals = [rng.normal(size=mask.k).astype(np.float32) for _ in range(3)]
+    heads = [head_arrays(v) for v in (1.0, 2.0, 4.0)]
+    ns = [10, 30, 60]
+    replies = [
+        reply(
+            i + 1,
+            codec.encode_update(
+                vals[i], heads[i], mask.fingerprint, num_examples=ns[i], metrics={"train-loss": float(i)}
+            ),
+        )
+        for i in range(3)
+    ]
+    arrays, metrics = s.aggregate_train(1, replies)
+    got_vals, got_head = codec.split_arrays(arrays)
+    expected = (10 * vals[0] + 30 * vals[1] + 60 * vals[2]) / 100
+    np.testing.assert_allclose(got_vals, expected, rtol=1e-6, atol=1e-7)
+    assert got_vals.shape == (mask.k,)  # never a dense model
+    np.testing.assert_allclose(got_head["2.bias"], np.full(2, (10 * 1 + 30 * 2 + 60 * 4) / 100))
+    assert metrics["num-examples"] == 100 and metrics["sites-accepted"] == 3
+    assert math.isclose(metrics["train-loss"], (0 * 10 + 1 * 30 + 2 * 60) / 100)
+    assert set(arrays.keys()) == {"values", "head.2.weight", "head.2.bias"}
+
+
+def _corrupt(kind: str, mask: SparseMask) -> Message:
+    vals = np.ones(mask.k, np.float32)
+    fp = mask.fingerprint
+    if kind == "error":
+        return Message(Error(code=1, reason="site crashed"), reply_to=request(9))
+    if kind == "fingerprint":
+        rd = codec.encode_update(vals, head_arrays(1), "0" * 64, num_examples=5)
+    elif kind == "length":
+        rd = codec.encode_update(np.ones(mask.k + 1, np.float32), head_arrays(1), fp, num_examples=5)
+    elif kind == "nan":
+        v = vals.copy()
+        v[1] = np.nan
+        rd = codec.encode_update(v, head_arrays(1), fp, num_examples=5)
+    elif kind == "inf_head":
+        h = head_arrays(1)
+        h["2.bias"][0] = np.inf
+        rd = codec.encode_update(vals, h, fp, num_examples=5)
+    elif kind == "head_shape":
+        h = head_arrays(1)
+        h["2.weight"] = np.ones((3, 8), np.float32)
+        rd = codec.encode_update(vals, h, fp, num_examples=5)
+    elif kind == "zero_examples":
+        rd = codec.encode_update(vals, head_arrays(1), fp, num_examples=0)
+    elif kind == "absurd_examples":
+        rd = codec.encode_update(vals, head_arrays(1), fp, num_examples=10**9)
+    elif kind == "missing_metrics":
+        rd = codec.encode_update(vals, head_arrays(1), fp)
+    elif kind == "missing_values":
+        rd = codec.encode_update(vals, head_arrays(1), fp, num_examples=5)
+        rd[codec.ARRAYS] = ArrayRecord({k: v for k, v in rd[codec.ARRAYS].items() if k != "values"})
+    elif kind == "missing_config":
+        rd = codec.encode_update(vals, head_arrays(1), fp, num_examples=5)
+        del rd[codec.CONFIG]
+    elif kind == "int_values":
+        rd = codec.encode_update(vals, head_arrays(1), fp, num_examples=5)
+        rd[codec.ARRAYS]["values"] = codec._array(np.ones(mask.k, np.int64))
+    elif kind == "extra_arrays":
+        rd = codec.encode_update(vals, head_arrays(1), fp, num_examples=5)
+        rd[codec.ARRAYS]["dense.weight"] = codec._array(np.ones(48, np.float32))
+    else:
+        raise AssertionError(kind)
+    return reply(9, rd)
+
+
+KINDS = [
+    "error",
+    "fingerprint",
+    "length",
+    "nan",
+    "inf_head",
+    "head_shape",
+    "zero_examples",
+    "absurd_examples",
+    "missing_metrics",
+    "missing_values",
+    "missing_config",
+    "int_values",
+    "extra_arrays",
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_malformed_reply_is_dropped_and_round_completes(kind):
+    mask = tiny_mask()
+    s = strategy_with(mask)
+    good = [
+        reply(
+            1,
+            codec.encode_update(
+                np.full(mask.k, 1.0, np.float32), head_arrays(1), mask.fingerprint, num_examples=10
+            ),
+        ),
+        reply(
+            2,
+            codec.encode_update(
+                np.full(mask.k, 4.0, np.float32), head_arrays(4), mask.fingerprint, num_examples=30
+            ),
+        ),
+    ]
+    arrays, metrics = s.aggregate_train(3, [good[0], _corrupt(kind, mask), good[1]])
+    values, _ = codec.split_arrays(arrays)
+    np.testing.assert_allclose(values, np.full(mask.k, (10 + 120) / 40))
+    assert metrics["sites-accepted"] == 2 and metrics["sites-rejected"] == 1
+    assert [r["node"] for r in s.rejected] == [9] and s.rejected[0]["round"] == 3
+
+
+def test_no_valid_reply_keeps_previous_global_values():
+    mask = tiny_mask()
+    s = strategy_with(mask)
+    arrays, metrics = s.aggregate_train(1, [_corrupt("nan", mask)])
+    assert arrays is None and metrics["sites-accepted"] == 0
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "out_of_range",
+        "negative_index",
+        "duplicate",
+        "nan_score",
+        "negative_score",
+        "base_fp",
+        "too_many",
+        "int32",
+        "zero_examples",
+    ],
+)
+def test_malformed_candidates_are_rejected(kind):
+    idx, sc = np.array([1, 5, 9], np.int64), np.array([0.1, 0.2, 0.3], np.float32)
+    fp, n = "base", 10
+    if kind == "out_of_range":
+        idx = np.array([1, 5, 48], np.int64)
+    elif kind == "negative_index":
+        idx = np.array([-1, 5, 9], np.int64)
+    elif kind == "duplicate":
+        idx = np.array([1, 5, 5], np.int64)
+    elif kind == "nan_score":
+        sc = np.array([0.1, np.nan, 0.3], np.float32)
+    elif kind == "negative_score":
+        sc = np.array([0.1, -0.2, 0.3], np.float32)
+    elif kind == "base_fp":
+        fp = "other"
+    elif kind == "too_many":
+        idx, sc = np.arange(5, dtype=np.int64), np.ones(5, np.float32)
+    elif kind == "int32":
+        idx = idx.astype(np.int32)
+    elif kind == "zero_examples":
+        n = 0
+    rd = codec.encode_candidates(idx, sc, num_examples=n, base_fingerprint=fp, n_eligible=48)
+    if kind == "int32":
+        rd[codec.ARRAYS]["indices"] = codec._array(idx)
+    with pytest.raises(ReplyRejected):
+        codec.decode_candidates(rd, base_fingerprint="base", n_eligible=48, max_candidates=4)
+
+
+# ------------------------------------------------------------------------------------------ agreement
+def test_site_candidates_global_layout_and_ties():
+    scores = {"b": torch.tensor([[0.0, 5.0], [1.0, 1.0]]), "a": torch.tensor([3.0, 1.0, 9.0])}
+    idx, sc = site_candidates(scores, 4)
+    # layout: a (3 entries) then b (4 entries); top 4 = a2 (9), b1 (5), a0 (3), then the tie 1.0 at a1
+    assert idx.tolist() == [0, 1, 2, 4] and sc.tolist() == [3.0, 1.0, 9.0, 5.0]
+    assert flatten_layout(scores) == (["a", "b"], [3, 4])
+
+
+def test_mask_agreement_is_deterministic_and_exact_budget():
+    _, params, ta, fp = tiny_setup()
+    n = sum(p.numel() for p in params.values())
+    rng = np.random.default_rng(1)
+    cands = []
+    for n_ex in (5, 20, 7):
+        idx = np.sort(rng.choice(n, 8, replace=False)).astype(np.int64)
+        cands.append((idx, rng.random(8).astype(np.float32), n_ex))
+    masks = []
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        combined = combine_candidates([cands[i] for i in order], n)
+        masks.append(agree_mask(CFG, combined, ta, fp))
+    assert len({m.fingerprint for m in masks}) == 1
+    assert masks[0].k == CFG.budget_for(n) == 5
+    for budget in (1, 3, 17, 48):
+        cfg = CFG.replace(budget=budget)
+        assert agree_mask(cfg, combine_candidates(cands, n), ta, fp).k == budget
+
+
+def test_union_rule_takes_top_combined_then_magnitude():
+    _, params, ta, fp = tiny_setup()
+    n = sum(p.numel() for p in params.values())
+    # one site, candidate scores rank 20 > 7 > 1: rho*k = 3 task-specific entries
+    combined = combine_candidates(
+        [(np.array([1, 7, 20, 33]), np.array([0.5, 0.7, 0.9, 0.1], np.float32), 4)], n
+    )
+    mask = agree_mask(CFG, combined, ta, fp)
+    flat = mask.indices["0.weight"].tolist()
+    assert {1, 7, 20} <= set(flat)
+    mag = ta["0.weight"].reshape(-1).clone()
+    mag[[1, 7, 20]] = -1
+    assert set(flat) - {1, 7, 20} == set(torch.topk(mag, 2).indices.tolist())
+
+
+def test_combination_weights_by_example_count():
+    n = 10
+    a = (np.array([0]), np.array([2.0], np.float32), 1)  # normalised by its own max -> 1.0
+    b = (np.array([1]), np.array([0.001], np.float32), 3)  # tiny raw scale, but 3x the examples
+    combined = combine_candidates([a, b], n)
+    assert combined[1] == pytest.approx(0.75) and combined[0] == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------------------------------ whole protocol
+def fake_site(mask_box: dict, values_offset: float, n_examples: int, *, misbehave: str = ""):
+    """A site implemented in numpy: candidates, mask ack, train = values + offset."""
+    _, params, _, fp = tiny_setup()
+    n_el = sum(p.numel() for p in params.values())
+
+    def handle(msg: Message):
+        kind = msg.metadata.message_type
+        if kind == "query.candidates":
+            if misbehave == "bad_candidates":
+                rd = codec.encode_candidates(
+                    np.array([n_el + 5]),
+                    np.ones(1, np.float32),
+                    num_examples=n_examples,
+                    base_fingerprint=fp,
+                    n_eligible=n_el,
+                )
+            else:
+                idx = np.array([2, 11, 30], np.int64) if values_offset > 0 else np.array([2, 40], np.int64)
+                rd = codec.encode_candidates(
+                    idx,
+                    np.linspace(0.5, 1, idx.size).astype(np.float32),
+                    num_examples=n_examples,
+                    base_fingerprint=fp,
+                    n_eligible=n_el,
+                )
+            return Message(content=rd, reply_to=msg)
+        if kind == "query.mask":
+            mask_box[id(handle)] = codec.decode_mask(msg.content)
+            return Message(content=RecordDict({codec.METRICS: MetricRecord({"mask-ok": 1})}), reply_to=msg)
+        if kind == "train":
+            if misbehave == "drop_train":
+                return None
+            mask = mask_box[id(handle)]
+            fp_msg = msg.content[codec.CONFIG][codec.MASK_FP]
+            v, h, _ = codec.decode_update(
+                msg.content, mask_fingerprint=fp_msg, k=mask.k, head_shapes=HEAD, need_examples=False
+            )
+            if misbehave == "nan_train":
+                v = v * np.nan
+            rd = codec.encode_update(
+                v + values_offset,
+                {k: t + values_offset for k, t in h.items()},
+                fp_msg,
+                num_examples=n_examples,
+                metrics={"train-loss": 1.0},
+            )
+            return Message(content=rd, reply_to=msg)
+        raise AssertionError(kind)
+
+    return handle
+
+
+def test_protocol_end_to_end_with_faulty_sites():
+    _, _, ta, fp = tiny_setup()
+    box: dict = {}
+    grid = FakeGrid(
+        {
+            1: fake_site(box, 1.0, 10),
+            2: fake_site(box, 3.0, 30),
+            3: fake_site(box, 0.0, 5, misbehave="bad_candidates"),
+            4: fake_site(box, 0.0, 5, misbehave="drop_train"),
+            5: fake_site(box, 0.0, 5, misbehave="nan_train"),
+        }
+    )
+    s = SparseDeltaFedAvg(
+        head_shapes=HEAD, max_examples=100, min_available_nodes=5, min_train_nodes=5, fraction_evaluate=0.0
+    )
+    k = CFG.budget_for(48)
+    init = codec.update_arrays(np.zeros(k, np.float32), head_arrays(0))
+    mask = s.agree_mask(
+        grid, config=CFG, task_agnostic=ta, base_fingerprint=fp, initial_arrays=init, candidate_factor=2
+    )
+    assert mask.k == k and {2, 11} <= set(mask.indices["0.weight"].tolist())
+    result = s.start(
+        grid=grid, initial_arrays=init, num_rounds=2, train_config=ConfigRecord({"local-epochs": 1})
+    )
+    values, head = codec.split_arrays(result.arrays)
+    # per round: weighted mean of +1 (10 examples), +3 (30) and +0 (node 3, 5; its bad candidates
+    # were dropped, its training is fine); node 4 never answers, node 5 sends NaN: both dropped
+    step = (1 * 10 + 3 * 30 + 0 * 5) / 45
+    np.testing.assert_allclose(values, np.full(k, 2 * step), rtol=1e-6)
+    np.testing.assert_allclose(head["2.bias"], np.full(2, 2 * step), rtol=1e-6)
+    reasons = {(r["phase"], r["node"]) for r in s.rejected}
+    assert ("candidates", 3) in reasons and ("train", 5) in reasons
+    # once acknowledged, train messages carry values + head only (no indices), k float32 values
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert all("mask" not in m.content for m in train_msgs)
+    assert all(m.content[codec.ARRAYS]["values"].numpy().shape == (k,) for m in train_msgs)
+    rows = [r for r in s.comm_by_round() if r["phase"] == "train"]
+    assert rows and all(r["sent"] > 0 for r in rows)
+    assert {r["round"] for r in rows} == {1, 2}
+
+
+def test_unacknowledged_site_gets_mask_with_first_train_message():
+    mask = tiny_mask()
+    s = strategy_with(mask, min_available_nodes=1, min_train_nodes=1)
+    s._mask_record = codec.encode_mask(mask)
+    grid = FakeGrid({7: lambda m: None})
+    msgs = list(
+        s.configure_train(
+            1, codec.update_arrays(np.zeros(mask.k, np.float32), head_arrays(0)), ConfigRecord(), grid
+        )
+    )
+    assert "mask" in msgs[0].content and codec.decode_mask(msgs[0].content, "mask", "mask-config").k == mask.k
+
+
+# ------------------------------------------------------------------------------------------ site split
+def test_site_partition_grouped_label_skewed_and_complete():
+    rng = np.random.default_rng(0)
+    recs = []
+    for g in range(60):
+        label = g % 2
+        for j in range(int(rng.integers(1, 4))):
+            recs.append({"image": f"{g}_{j}.jpg", "label": label, "group": g})
+    sites = site_partition(recs, 3, skew=0.6, seed=0)
+    assert sorted(r["image"] for s in sites for r in s) == sorted(r["image"] for r in recs)
+    groups = [{r["group"] for r in s} for s in sites]
+    assert not (groups[0] & groups[1]) and not (groups[1] & groups[2]) and not (groups[0] & groups[2])
+    pos = [np.mean([r["label"] for r in s]) for s in sites]
+    assert pos[0] > 0.6 and pos[2] < 0.4  # label skew in opposite directions
+    assert site_partition(recs, 3, skew=0.6, seed=0) == sites  # deterministic
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_simulation_end_to_end_tiny(tmp_path):
+    from federated import simulate
+
+    out = tmp_path / "fed"
+    report = simulate.main(
+        [
+            "--out",
+            str(out),
+            "--sites",
+            "2",
+            "--rounds",
+            "1",
+            "--train-per-site",
+            "8",
+            "--val-limit",
+            "8",
+            "--test-limit",
+            "8",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--random-init",
+            "--img-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--calibration-batches",
+            "1",
+            "--no-baselines",
+        ]
+    )
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["summary"]["k"] == report["federated"]["k"] > 0
+    assert (out / "global_delta.safetensors").is_file() and (out / "report.png").is_file()
+    comm = saved["federated"]["communication"]
+    assert 0 < comm["ratio_sparse_to_dense"] < 1e-3
+    assert set(saved["federated"]["accuracy_per_round"]) == {"0", "1"}
+    assert not saved["federated"]["rejected_replies"]
