@@ -43,3 +43,15 @@ __all__ = [
     "trainable_report",
 ]
 __version__ = "0.1.0"
+
+# Submodules with heavier imports (timm, MONAI engines) load on first access, so that configs can
+# say `$from shpeft_monai import bundle` without the package importing them up front.
+_LAZY = {"bundle", "data", "handlers", "methods", "networks", "report"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'shpeft_monai' has no attribute {name!r}")

@@ -1,0 +1,16 @@
+"""MONAI / Ignite handlers that plug SH-PEFT into MONAI's engines."""
+
+from __future__ import annotations
+
+from .checkpoint import BestArtefactSaver, TrainingCheckpoint
+from .report import ClassificationReport, PredictionWriter, TrainingHistory
+from .selection import SHPEFTSelection
+
+__all__ = [
+    "BestArtefactSaver",
+    "ClassificationReport",
+    "PredictionWriter",
+    "SHPEFTSelection",
+    "TrainingCheckpoint",
+    "TrainingHistory",
+]

@@ -1,0 +1,132 @@
+"""Checkpoints that hold only what was trained, written atomically.
+
+* :class:`BestArtefactSaver` (validation handler): when the key validation metric improves, saves
+  the SH-PEFT delta (``best_delta.safetensors``, the inference and federated artefact); for other
+  methods the trained parameters (``best_trainable.safetensors``). Never a full SH-PEFT checkpoint.
+* :class:`TrainingCheckpoint` (training handler): after every epoch saves the trainable state, the
+  optimizer state and the trainer's counters (``last_*``); with ``resume=True`` a restarted run
+  loads them on start and continues from the next epoch. The mask comes back from
+  ``mask.safetensors`` (see ``prepare_method``), so the resumed run trains the same weights.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from ..io import atomic_write_bytes, atomic_write_text, save_delta
+from ..methods import trainable_state
+from ..model import extract_delta, is_injected
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+
+__all__ = ["BestArtefactSaver", "TrainingCheckpoint", "load_trainable_state"]
+
+
+def _save_trainable(path: Path, network: torch.nn.Module, meta: dict[str, Any]) -> None:
+    data = save(trainable_state(network), metadata={"meta": json.dumps(meta, default=str)})
+    atomic_write_bytes(path, data)
+
+
+def load_trainable_state(network: torch.nn.Module, path: str | Path) -> None:
+    """Copy saved trainable parameters into ``network`` by name (shapes must match)."""
+    state = load_file(str(path))
+    params = dict(network.named_parameters())
+    bad = [n for n, t in state.items() if n not in params or params[n].shape != t.shape]
+    if bad:
+        raise ValueError(
+            f"{path}: saved tensors {bad[:5]} do not fit the network (another method or model?)."
+        )
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+class BestArtefactSaver:
+    """Save the trained artefact whenever the evaluator's key metric reaches a new best."""
+
+    def __init__(
+        self, output_dir: str | Path, network: torch.nn.Module, meta: dict[str, Any] | None = None
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.network = network
+        self.meta = dict(meta or {})
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        if not engine.has_event_handler(self._maybe_save, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_save)
+
+    def _maybe_save(self, engine: Engine) -> None:
+        if engine.state.best_metric_epoch != engine.state.epoch:
+            return
+        meta = {**self.meta, "epoch": engine.state.epoch, "best_metric": float(engine.state.best_metric)}
+        if is_injected(self.network):
+            path = save_delta(self.output_dir / "best_delta.safetensors", extract_delta(self.network, meta))
+        else:
+            path = self.output_dir / "best_trainable.safetensors"
+            _save_trainable(path, self.network, meta)
+        engine.logger.info(
+            "saved best artefact %s (epoch %d, metric %.4f)", path, meta["epoch"], meta["best_metric"]
+        )
+
+
+class TrainingCheckpoint:
+    """Save the resumable state after each epoch; optionally resume from it on start."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        resume: bool = True,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.network = network
+        self.optimizer = optimizer
+        self.resume = resume
+
+    @property
+    def files(self) -> tuple[Path, Path, Path]:
+        d = self.output_dir
+        return d / "last_trainable.safetensors", d / "last_optimizer.pt", d / "last_trainer.json"
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        if not engine.has_event_handler(self._save, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._save)
+            if self.resume:
+                engine.add_event_handler(Events.STARTED, self._load)
+
+    def _save(self, engine: Engine) -> None:
+        trainable, optim, trainer = self.files
+        _save_trainable(trainable, self.network, {"epoch": engine.state.epoch})
+        buf = _io.BytesIO()
+        torch.save(self.optimizer.state_dict(), buf)
+        atomic_write_bytes(optim, buf.getvalue())
+        # the counters last: a kill between the writes resumes from the previous complete epoch
+        state = {
+            "epoch": engine.state.epoch,
+            "iteration": engine.state.iteration,
+            "max_epochs": engine.state.max_epochs,
+        }
+        atomic_write_text(trainer, json.dumps(state))
+
+    def _load(self, engine: Engine) -> None:
+        trainable, optim, trainer = self.files
+        if not trainer.is_file() or engine.state.epoch > 0:  # nothing saved, or already running
+            return
+        state = json.loads(trainer.read_text())
+        load_trainable_state(self.network, trainable)
+        self.optimizer.load_state_dict(torch.load(optim, map_location="cpu", weights_only=True))
+        engine.state.epoch = int(state["epoch"])
+        engine.state.iteration = int(state["iteration"])
+        engine.logger.info("resumed from %s at epoch %d", self.output_dir, engine.state.epoch)

@@ -1,0 +1,113 @@
+"""Fine-tuning methods behind one switch, so that bundles and benchmarks compare like with like.
+
+``shpeft`` (and its single-criterion references through ``SHPEFTConfig.hybrid``), ``full``,
+``linear_probe`` (head only), ``bitfit`` (biases and head) and ``lora`` (Hugging Face ``peft``).
+Every method leaves ``requires_grad`` set on exactly what it trains, so the optimizer is always
+built from :func:`trainable_parameters` and the saved artefact is what the method trained.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import SHPEFTConfig
+from .io import load_delta, save_delta
+from .model import head_parameters, inject, mask_summary
+from .pipeline import select_mask
+from .sparse import SparseDelta
+
+__all__ = ["METHODS", "prepare_method", "trainable_parameters", "trainable_state"]
+
+logger = logging.getLogger(__name__)
+METHODS = ("shpeft", "full", "linear_probe", "bitfit", "lora")
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters the chosen method trains (the optimizer's whole content)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Named CPU copies of the trainable parameters (the resumable and federated state)."""
+    return {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _freeze_except(model: nn.Module, keep: Iterable[nn.Parameter]) -> None:
+    keep_ids = {id(p) for p in keep}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep_ids)
+
+
+def _lora(model: nn.Module, head: list[str], options: dict[str, Any]) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # pragma: no cover - optional dependency
+        raise ImportError("method='lora' needs the `peft` package: pip install 'shpeft-monai[peft]'") from exc
+    present = [h for h in head if hasattr(model, h)]
+    cfg = LoraConfig(
+        r=int(options.get("r", 8)),
+        lora_alpha=int(options.get("alpha", 16)),
+        lora_dropout=float(options.get("dropout", 0.0)),
+        target_modules=list(options.get("target_modules", ["qkv"])),
+        modules_to_save=present,
+    )
+    return get_peft_model(model, cfg)
+
+
+def prepare_method(
+    model: nn.Module,
+    method: str = "shpeft",
+    *,
+    shpeft: SHPEFTConfig | dict[str, Any] | None = None,
+    calib_loader: Iterable | None = None,
+    output_dir: str | Path | None = None,
+    device: torch.device | str | None = None,
+    lora: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Make ``model`` train only what ``method`` trains; returns the model to optimise.
+
+    For ``shpeft`` the mask is selected once and saved to ``output_dir/mask.safetensors``; when that
+    file exists (a resumed run) it is loaded instead, so a resumed run trains the same weights.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}.")
+    cfg = shpeft if isinstance(shpeft, SHPEFTConfig) else SHPEFTConfig.from_dict(dict(shpeft or {}))
+    if device is not None:
+        model = model.to(device)
+    head = list(head_parameters(model, cfg).values())
+    if not head and method != "full":
+        raise ValueError(
+            f"no head parameters found under {cfg.head}: set `shpeft#head` to the classifier's module name."
+        )
+    if method == "full":
+        _freeze_except(model, model.parameters())
+    elif method == "linear_probe":
+        _freeze_except(model, head)
+    elif method == "bitfit":
+        _freeze_except(model, head + [p for n, p in model.named_parameters() if n.endswith("bias")])
+    elif method == "lora":
+        model = _lora(model, list(cfg.head), dict(lora or {}))
+    else:
+        mask_file = Path(output_dir) / "mask.safetensors" if output_dir else None
+        if mask_file is not None and mask_file.is_file():
+            mask = load_delta(mask_file).mask
+            logger.info("SH-PEFT: resuming with the saved mask %s (k=%d)", mask_file, mask.k)
+        else:
+            mask = select_mask(model, cfg, calib_loader, device=device, progress=progress)
+            if mask_file is not None:
+                zeros = {n: torch.zeros(i.numel()) for n, i in mask.indices.items()}
+                save_delta(mask_file, SparseDelta(mask, zeros, {}, cfg.to_dict(), {"kind": "mask"}))
+        inject(model, mask, cfg)
+        summary = mask_summary(mask)
+        logger.info("SH-PEFT mask: %d weights; by type %s", mask.k, summary["by_type"])
+    n_train = sum(p.numel() for p in trainable_parameters(model))
+    logger.info("method=%s trains %d parameters", method, n_train)
+    model._shpeft_method = method
+    return model
