@@ -192,6 +192,7 @@ class Deployment:
     n_nodes: int = 2
     port: int = 0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _logs: list[Any] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).absolute()
@@ -212,7 +213,8 @@ class Deployment:
         self.stop()
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (kept open for the process)
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (closed in stop())
+        self._logs.append(log)
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -334,10 +336,9 @@ class Deployment:
 
     def stop(self) -> None:
         """End every process group (SuperNodes spawn ClientApp processes that outlive a plain kill)."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():  # the whole group, even when its leader has exited already
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
         end = time.monotonic() + 10
         for proc in self.procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -345,6 +346,24 @@ class Deployment:
         for proc in self.procs.values():  # the group may hold children even after its leader exited
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+        end = time.monotonic() + 15
+        while self.alive_groups() and time.monotonic() < end:
+            time.sleep(0.2)
+        for f in self._logs:
+            f.close()
+
+    def alive_groups(self) -> list[str]:
+        """Names of the started processes whose process group still has a member."""
+        alive = []
+        for name, proc in self.procs.items():
+            try:
+                os.killpg(proc.pid, 0)
+                alive.append(name)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                alive.append(name)
+        return alive
 
 
 def main(argv: Sequence[str] | None = None) -> int:

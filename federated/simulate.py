@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for name in ("federated", "shpeft_monai"):
         logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("flwr").propagate = False  # flwr prints through its own handler
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
