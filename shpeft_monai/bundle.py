@@ -65,7 +65,7 @@ def image_folder_datalist(input_dir: str, suffixes: Sequence[str] | None = None)
         raise FileNotFoundError(
             f"input_dir {str(root)!r} is not a folder; pass --input_dir <folder of images>."
         )
-    suffixes = tuple(suffixes or _data.IMAGE_SUFFIXES + (".nii", ".nii.gz", ".dcm"))
+    suffixes = tuple(suffixes or (*_data.IMAGE_SUFFIXES, ".nii", ".nii.gz", ".dcm"))
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(suffixes)}) under {str(root)!r}.")
@@ -126,7 +126,9 @@ def run_summary(output_dir: str | Path, method: str = "shpeft") -> dict[str, Any
         delta = load_delta(best)
         facts.update(delta.summary())
         facts["best_epoch"] = delta.meta.get("epoch")
-        facts["selection_seconds"] = delta.mask.meta.get("selection_seconds")
+        mask_file = out / "mask.safetensors"
+        if mask_file.is_file():
+            facts["selection_seconds"] = load_delta(mask_file).meta.get("selection_seconds")
     return facts
 
 

@@ -103,7 +103,9 @@ def prepare_method(
             mask = select_mask(model, cfg, calib_loader, device=device, progress=progress)
             if mask_file is not None:
                 zeros = {n: torch.zeros(i.numel()) for n, i in mask.indices.items()}
-                save_delta(mask_file, SparseDelta(mask, zeros, {}, cfg.to_dict(), {"kind": "mask"}))
+                save_delta(
+                    mask_file, SparseDelta(mask, zeros, {}, cfg.to_dict(), {"kind": "mask", **mask.meta})
+                )
         inject(model, mask, cfg)
         summary = mask_summary(mask)
         logger.info("SH-PEFT mask: %d weights; by type %s", mask.k, summary["by_type"])
