@@ -128,3 +128,14 @@ def test_mask_for_another_architecture_is_refused() -> None:
     )
     with pytest.raises(DeltaMismatchError, match="another architecture"):
         inject(other, mask, CFG)
+
+
+def test_cli_inspect_reports_the_delta(trained, capsys) -> None:
+    from shpeft_monai.cli import main
+
+    _, delta, path = trained
+    assert main(["inspect", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["selected_backbone_weights"] == delta.mask.k == 20
+    assert out["mask_fingerprint"] == delta.mask.fingerprint
+    assert main(["inspect", str(path.parent / "missing.safetensors")]) == 2
