@@ -15,9 +15,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,7 +62,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-baselines", action="store_true", help="skip the centralised and local-only references"
     )
+    p.add_argument("--phase", choices=("all", "federated"), default="all", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def _run_federated_isolated(argv: list[str]) -> None:
+    """Run the Flower simulation in its own session and end that whole process group afterwards:
+    Ray's actor processes can outlive ``run_simulation`` (orphaned, still spinning) otherwise."""
+    cmd = [sys.executable, "-m", "federated.simulate", *argv, "--phase", "federated"]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        rc = proc.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(1)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    if rc != 0:
+        raise SystemExit(f"the federated simulation failed (exit code {rc}); see the log above")
 
 
 def _site_data(s: Any) -> list[list[dict[str, Any]]]:
@@ -202,17 +223,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     build_model(s)  # convert/cache the weights once before the clients start
 
     fed_json = out / "federated.json"
+    if args.phase == "federated":
+        run_simulation(
+            server_app=make_server_app(overrides, eval_records=val, out_dir=out),
+            client_app=make_client_app(overrides),
+            num_supernodes=args.sites,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": max(os.cpu_count() or 1, args.sites)},
+            },
+        )
+        return {}
     fed_json.unlink(missing_ok=True)
     t_fed = time.perf_counter()
-    run_simulation(
-        server_app=make_server_app(overrides, eval_records=val, out_dir=out),
-        client_app=make_client_app(overrides),
-        num_supernodes=args.sites,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": max(os.cpu_count() or 1, args.sites)},
-        },
-    )
+    _run_federated_isolated(list(argv if argv is not None else sys.argv[1:]))
     t_fed = time.perf_counter() - t_fed
     if not fed_json.is_file():
         raise SystemExit(f"the federated run did not finish: {fed_json} is missing (see the log above)")
