@@ -521,3 +521,29 @@ def test_simulation_end_to_end_tiny(tmp_path):
     assert 0 < comm["ratio_sparse_to_dense"] < 1e-3
     assert set(saved["federated"]["accuracy_per_round"]) == {"0", "1"}
     assert not saved["federated"]["rejected_replies"]
+
+
+# ------------------------------------------------------------------------------------------ Flower app
+def test_flower_app_manifest_has_no_dependencies_and_known_config_keys():
+    import dataclasses
+    import importlib
+    from pathlib import Path
+
+    import tomllib
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    from federated.task import FedSettings
+
+    manifest = tomllib.loads((Path(__file__).parents[1] / "federated" / "pyproject.toml").read_text())
+    assert manifest["project"]["dependencies"] == []  # a SuperLink must never install torch
+    comps = manifest["tool"]["flwr"]["app"]["components"]
+    for ref, kind in ((comps["serverapp"], ServerApp), (comps["clientapp"], ClientApp)):
+        module, _, attr = ref.partition(":")
+        assert isinstance(getattr(importlib.import_module(module), attr), kind)
+    fields = {f.name.replace("_", "-") for f in dataclasses.fields(FedSettings)}
+    keys = set(manifest["tool"]["flwr"]["app"]["config"])
+    assert keys - {"server-datalist"} <= fields
+    s = FedSettings.from_config(manifest["tool"]["flwr"]["app"]["config"])
+    assert s.budget == 1e-4 and s.shpeft().budget == 1e-4 and s.num_server_rounds == 3
+    assert FedSettings.from_config({"budget": 2200, "pretrained": "false"}).shpeft().budget == 2200
