@@ -9,6 +9,7 @@ their own validation data and report metrics only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -127,9 +128,7 @@ def run_server(
     per_site_round = [r["sent"] + r["received"] for r in train_rows]
     mean_sparse = float(np.mean(per_site_round)) if per_site_round else 0.0
     report: dict[str, Any] = {
-        "settings": {k_: v for k_, v in vars(s).items()}
-        if not hasattr(s, "__dataclass_fields__")
-        else {f: getattr(s, f) for f in s.__dataclass_fields__},
+        "settings": dataclasses.asdict(s),
         "k": mask.k,
         "head_parameters": int(sum(t.size for t in head.values())),
         "model_parameters": int(n_params),

@@ -197,7 +197,7 @@ class SparseDeltaFedAvg(FedAvg):
                 self._reject("mask", 0, node, f"error reply: {msg.error.reason}")
                 continue
             self._account("mask", 0, node, received=codec.record_nbytes(msg.content))
-            metrics = msg.content.get(codec.METRICS) if "metrics" in msg.content else None
+            metrics = msg.content.get(codec.METRICS)
             if isinstance(metrics, MetricRecord) and metrics.get("mask-ok") == 1:
                 self._acked.add(node)
             else:
