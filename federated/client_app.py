@@ -117,8 +117,9 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         load_global(model, mask, values, head, cfg)
         epochs = int(cfg_rec.get("local-epochs", s.local_epochs))
         lr = float(cfg_rec.get("lr", s.lr))
+        head_lr = float(cfg_rec.get("head-lr", s.head_lr))
         n, loss = train_local(
-            model, make_loader(site_records(context, s, "train"), s, train=True), s, epochs, lr
+            model, make_loader(site_records(context, s, "train"), s, train=True), s, epochs, lr, head_lr
         )
         values, head = global_state(model, mask, cfg)
         content = codec.encode_update(values, head, fp, num_examples=n, metrics={"train-loss": loss})

@@ -114,7 +114,7 @@ def run_server(
         initial_arrays=initial,
         num_rounds=s.num_server_rounds,
         timeout=timeout,
-        train_config=ConfigRecord({"local-epochs": s.local_epochs, "lr": s.lr}),
+        train_config=ConfigRecord({"local-epochs": s.local_epochs, "lr": s.lr, "head-lr": s.head_lr}),
         evaluate_config=ConfigRecord({}),
         evaluate_fn=evaluate_fn,
     )

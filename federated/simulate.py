@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--img-size", type=int, default=112)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the k selected values")
+    p.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the dense head (0 = --lr)")
     p.add_argument("--budget", type=float, default=1e-4)
     p.add_argument("--rho", type=float, default=0.5)
     p.add_argument("--calibration-batches", type=int, default=8)
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "img-size": args.img_size,
         "batch-size": args.batch_size,
         "lr": args.lr,
+        "head-lr": args.head_lr,
         "budget": args.budget,
         "rho": args.rho,
         "calibration-batches": args.calibration_batches,

@@ -61,6 +61,7 @@ class FedSettings:
     candidate_factor: int = 4
     batch_size: int = 16
     lr: float = 1e-3
+    head_lr: float = 0.0
     weight_decay: float = 0.0
     local_epochs: int = 1
     num_server_rounds: int = 3
@@ -129,9 +130,23 @@ def build_model(s: FedSettings) -> nn.Module:
         if s.checkpoint:
             kwargs["checkpoint"] = s.checkpoint
         net = create_network(s.model, num_classes=s.num_classes, pretrained=s.pretrained, **kwargs)
+        _init_head(net, s)
         _BASE_CACHE.clear()
         _BASE_CACHE[key] = net.eval()
     return copy.deepcopy(_BASE_CACHE[key])
+
+
+def _init_head(net: nn.Module, s: FedSettings) -> None:
+    """Re-initialise the new head from its own seeded generator (truncated normal, std 0.02; zero
+    bias): the same initial head on every node, whatever consumed the global RNG before (for
+    example a first-time weight conversion)."""
+    gen = torch.Generator().manual_seed(s.seed)
+    with torch.no_grad():
+        for name, p in sorted(head_parameters(net, s.shpeft()).items()):
+            if name.endswith("bias") or p.dim() < 2:
+                p.zero_()
+            else:
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).clamp_(-0.04, 0.04))
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -245,15 +260,30 @@ def to_delta(
 
 # ------------------------------------------------------------------------------------------ train / eval
 def train_local(
-    model: nn.Module, loader: Any, s: FedSettings, epochs: int, lr: float | None = None
+    model: nn.Module,
+    loader: Any,
+    s: FedSettings,
+    epochs: int,
+    lr: float | None = None,
+    head_lr: float | None = None,
 ) -> tuple[int, float]:
-    """Train an injected model with MONAI's SupervisedTrainer; returns (examples, mean loss)."""
+    """Train an injected model with MONAI's SupervisedTrainer; returns (examples, mean loss).
+
+    The optimizer holds only :func:`shpeft_monai.trainable_parameters` (the k selected values and the
+    head); with ``head_lr`` the dense head gets its own learning rate (the selected values keep ``lr``).
+    """
     from ignite.engine import Events
     from monai.engines import SupervisedTrainer
     from monai.utils import CommonKeys
 
+    lr = lr or s.lr
+    head = {id(p) for p in head_parameters(model, model._shpeft_config).values()}
     params = trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=lr or s.lr, weight_decay=s.weight_decay)
+    groups = [
+        {"params": [p for p in params if id(p) not in head], "lr": lr},
+        {"params": [p for p in params if id(p) in head], "lr": head_lr or s.head_lr or lr},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=s.weight_decay)
     losses: list[float] = []
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
@@ -274,7 +304,7 @@ def train_local(
     model.eval()
     loss = float(np.mean(losses)) if losses else float("nan")
     if not math.isfinite(loss):
-        raise FloatingPointError(f"local training diverged (mean loss {loss}); lower lr={lr or s.lr}")
+        raise FloatingPointError(f"local training diverged (mean loss {loss}); lower lr={lr}")
     return len(loader.dataset), loss
 
 
