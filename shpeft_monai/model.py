@@ -25,6 +25,7 @@ from .sparse import DeltaMismatchError, SparseDelta, SparseMask, fingerprint_ten
 __all__ = [
     "apply_delta",
     "backbone_fingerprint",
+    "bare_module",
     "eject",
     "eligible_parameters",
     "extract_delta",
@@ -128,12 +129,18 @@ def backbone_fingerprint(model: nn.Module, config: SHPEFTConfig) -> str:
     return fingerprint_tensors((n, p) for n, p in _base_named_parameters(model) if not _is_head(n, config))
 
 
+def bare_module(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel wrapper (or the model itself)."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
 def is_injected(model: nn.Module) -> bool:
-    return getattr(model, "_shpeft_mask", None) is not None
+    return getattr(bare_module(model), "_shpeft_mask", None) is not None
 
 
 def get_mask(model: nn.Module) -> SparseMask:
-    mask = getattr(model, "_shpeft_mask", None)
+    mask = getattr(bare_module(model), "_shpeft_mask", None)
     if mask is None:
         raise RuntimeError("the model has no SH-PEFT mask; call shpeft_monai.inject(model, mask) first.")
     return mask
@@ -224,6 +231,7 @@ def load_delta_values(model: nn.Module, values: dict[str, torch.Tensor]) -> None
 
 def extract_delta(model: nn.Module, meta: dict[str, Any] | None = None) -> SparseDelta:
     """The trained result of an injected model as a :class:`SparseDelta` (CPU copies)."""
+    model = bare_module(model)
     mask, config = get_mask(model), model._shpeft_config
     values = {n: s.shpeft_delta.detach().to("cpu", torch.float32).clone() for n, s in _sites(model).items()}
     head = {n: p.detach().to("cpu").clone() for n, p in head_parameters(model, config).items()}
@@ -323,6 +331,7 @@ def mask_summary(mask: SparseMask) -> dict[str, Any]:
 
 def trainable_report(model: nn.Module) -> dict[str, Any]:
     """Selected backbone weights, head parameters and their share of the backbone."""
+    model = bare_module(model)
     mask, config = get_mask(model), model._shpeft_config
     head = sum(p.numel() for p in head_parameters(model, config).values())
     backbone = sum(p.numel() for n, p in _base_named_parameters(model) if not _is_head(n, config))

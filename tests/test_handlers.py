@@ -56,3 +56,49 @@ def test_training_checkpoint_resumes_epoch_and_state(tmp_path) -> None:
     assert seen == [3]  # epochs 1-2 were restored, only epoch 3 ran
     assert not torch.equal(net2[2].weight, saved)  # and it trained on from the restored weights
     assert opt2.state_dict()["state"]  # optimizer moments were restored
+
+
+def test_best_artefact_saver_keeps_the_best_across_a_resume(tmp_path) -> None:
+    from safetensors import safe_open
+
+    from shpeft_monai.handlers import BestArtefactSaver
+
+    net = nn.Sequential(nn.Linear(3, 2))
+    scores = iter([0.9, 0.7, 0.95])
+
+    def make_evaluator():
+        def step(engine, batch):
+            return {}
+
+        ev = Engine(step)
+
+        @ev.on(Events.EPOCH_COMPLETED)
+        def _metric(engine):
+            engine.state.key_metric_name = "val_auc"
+            engine.state.metrics = {"val_auc": next(scores)}
+
+        BestArtefactSaver(tmp_path, net).attach(ev)
+        return ev
+
+    def saved_best():
+        with safe_open(str(tmp_path / "best_trainable.safetensors"), "pt") as f:
+            import json
+
+            return json.loads(f.metadata()["meta"])["best_metric"]
+
+    make_evaluator().run([0], max_epochs=1)
+    assert saved_best() == 0.9
+    make_evaluator().run([0], max_epochs=1)  # a resumed run whose first epoch is worse
+    assert saved_best() == 0.9
+    make_evaluator().run([0], max_epochs=1)
+    assert saved_best() == 0.95
+
+
+def test_handlers_see_through_distributed_wrappers(tmp_path) -> None:
+    from shpeft_monai import SHPEFTConfig, extract_delta, inject, is_injected, select_mask
+
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2))
+    cfg = SHPEFTConfig(budget=5, hybrid="task_agnostic", head=("2",))
+    inject(net, select_mask(net, cfg), cfg)
+    wrapped = nn.DataParallel(net)
+    assert is_injected(wrapped) and extract_delta(wrapped).mask.k == 5

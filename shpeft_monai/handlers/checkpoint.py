@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from ..io import atomic_write_bytes, atomic_write_text, save_delta
 from ..methods import trainable_state
-from ..model import extract_delta, is_injected
+from ..model import bare_module, extract_delta, is_injected
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -30,14 +31,14 @@ __all__ = ["BestArtefactSaver", "TrainingCheckpoint", "load_trainable_state"]
 
 
 def _save_trainable(path: Path, network: torch.nn.Module, meta: dict[str, Any]) -> None:
-    data = save(trainable_state(network), metadata={"meta": json.dumps(meta, default=str)})
+    data = save(trainable_state(bare_module(network)), metadata={"meta": json.dumps(meta, default=str)})
     atomic_write_bytes(path, data)
 
 
 def load_trainable_state(network: torch.nn.Module, path: str | Path) -> None:
     """Copy saved trainable parameters into ``network`` by name (shapes must match)."""
     state = load_file(str(path))
-    params = dict(network.named_parameters())
+    params = dict(bare_module(network).named_parameters())
     bad = [n for n, t in state.items() if n not in params or params[n].shape != t.shape]
     if bad:
         raise ValueError(
@@ -49,33 +50,49 @@ def load_trainable_state(network: torch.nn.Module, path: str | Path) -> None:
 
 
 class BestArtefactSaver:
-    """Save the trained artefact whenever the evaluator's key metric reaches a new best."""
+    """Save the trained artefact whenever the evaluator's key metric reaches a new best (higher is better).
+
+    The best value so far is read back from an existing artefact on attach, so a resumed run never
+    replaces a better artefact with a worse one.
+    """
 
     def __init__(
         self, output_dir: str | Path, network: torch.nn.Module, meta: dict[str, Any] | None = None
     ) -> None:
         self.output_dir = Path(output_dir)
-        self.network = network
+        self.network = bare_module(network)
         self.meta = dict(meta or {})
+        self.best: float | None = None
+
+    def _previous_best(self) -> float | None:
+        for name in ("best_delta.safetensors", "best_trainable.safetensors"):
+            path = self.output_dir / name
+            if path.is_file():
+                with safe_open(str(path), "pt") as f:
+                    meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+                if "best_metric" in meta:
+                    return float(meta["best_metric"])
+        return None
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
 
         if not engine.has_event_handler(self._maybe_save, Events.EPOCH_COMPLETED):
+            self.best = self._previous_best()
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_save)
 
     def _maybe_save(self, engine: Engine) -> None:
-        if engine.state.best_metric_epoch != engine.state.epoch:
+        value = float(engine.state.metrics[engine.state.key_metric_name])
+        if self.best is not None and not value > self.best:
             return
-        meta = {**self.meta, "epoch": engine.state.epoch, "best_metric": float(engine.state.best_metric)}
+        self.best = value
+        meta = {**self.meta, "epoch": engine.state.epoch, "best_metric": value}
         if is_injected(self.network):
             path = save_delta(self.output_dir / "best_delta.safetensors", extract_delta(self.network, meta))
         else:
             path = self.output_dir / "best_trainable.safetensors"
             _save_trainable(path, self.network, meta)
-        engine.logger.info(
-            "saved best artefact %s (epoch %d, metric %.4f)", path, meta["epoch"], meta["best_metric"]
-        )
+        engine.logger.info("saved best artefact %s (epoch %d, metric %.4f)", path, meta["epoch"], value)
 
 
 class TrainingCheckpoint:
@@ -89,7 +106,7 @@ class TrainingCheckpoint:
         resume: bool = True,
     ) -> None:
         self.output_dir = Path(output_dir)
-        self.network = network
+        self.network = bare_module(network)
         self.optimizer = optimizer
         self.resume = resume
 
