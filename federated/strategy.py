@@ -101,11 +101,14 @@ class SparseDeltaFedAvg(FedAvg):
             good.append(msg)
         return good
 
-    def _send(self, phase: str, server_round: int, messages: Iterable[Message]) -> list[Message]:
+    def _send(
+        self, phase: str, server_round: int, messages: Iterable[Message], attach_mask: bool = True
+    ) -> list[Message]:
+        """Account each message's bytes; attach the mask for sites that have not acknowledged it."""
         out = []
         for msg in messages:
             content = msg.content
-            if self._mask_record is not None and msg.metadata.dst_node_id not in self._acked:
+            if attach_mask and self._mask_record is not None and msg.metadata.dst_node_id not in self._acked:
                 content = RecordDict(dict(content.items()))
                 content["mask"] = self._mask_record[codec.MASK]
                 content["mask-config"] = self._mask_record[codec.CONFIG]
@@ -191,7 +194,7 @@ class SparseDeltaFedAvg(FedAvg):
         all_nodes = sorted(grid.get_node_ids())
         bmsgs = [Message(content=self._mask_record, message_type=MASK_TYPE, dst_node_id=n) for n in all_nodes]
         self._acked = set()
-        for msg in grid.send_and_receive(self._send("mask", 0, bmsgs), timeout=timeout):
+        for msg in grid.send_and_receive(self._send("mask", 0, bmsgs, attach_mask=False), timeout=timeout):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 self._reject("mask", 0, node, f"error reply: {msg.error.reason}")

@@ -547,3 +547,14 @@ def test_flower_app_manifest_has_no_dependencies_and_known_config_keys():
     s = FedSettings.from_config(manifest["tool"]["flwr"]["app"]["config"])
     assert s.budget == 1e-4 and s.shpeft().budget == 1e-4 and s.num_server_rounds == 3
     assert FedSettings.from_config({"budget": 2200, "pretrained": "false"}).shpeft().budget == 2200
+
+
+def test_mask_broadcast_carries_the_mask_once():
+    _, _, ta, fp = tiny_setup()
+    box: dict = {}
+    grid = FakeGrid({1: fake_site(box, 1.0, 10), 2: fake_site(box, 3.0, 30)})
+    s = SparseDeltaFedAvg(head_shapes=HEAD, min_available_nodes=2, min_train_nodes=2, fraction_evaluate=0.0)
+    init = codec.update_arrays(np.zeros(CFG.budget_for(48), np.float32), head_arrays(0))
+    s.agree_mask(grid, config=CFG, task_agnostic=ta, base_fingerprint=fp, initial_arrays=init)
+    bcast = [m for m in grid.sent if m.metadata.message_type == "query.mask"]
+    assert len(bcast) == 2 and all(set(m.content.keys()) == {codec.MASK, codec.CONFIG} for m in bcast)
