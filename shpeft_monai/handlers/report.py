@@ -74,7 +74,28 @@ class TrainingHistory:
         atomic_write_text(self.path, json.dumps(self.history, indent=1))
 
 
-class ClassificationReport:
+class _RunCollector:
+    """Reset on start, collect every iteration, write on completion (attached once per engine)."""
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        if not engine.has_event_handler(self._completed, Events.COMPLETED):
+            engine.add_event_handler(Events.STARTED, self._reset)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+            engine.add_event_handler(Events.COMPLETED, self._completed)
+
+    def _reset(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+    def _collect(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+    def _completed(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+
+class ClassificationReport(_RunCollector):
     """Collect probabilities over an evaluation run and write metrics, report and plots."""
 
     def __init__(
@@ -93,14 +114,6 @@ class ClassificationReport:
         self.extra = dict(extra or {})
         self.title = title
         self.metrics: dict[str, Any] | None = None
-
-    def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
-        if not engine.has_event_handler(self._completed, Events.COMPLETED):
-            engine.add_event_handler(Events.STARTED, self._reset)
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-            engine.add_event_handler(Events.COMPLETED, self._completed)
 
     def _reset(self, _: Engine) -> None:
         self._probs: list[torch.Tensor] = []
@@ -142,20 +155,12 @@ class ClassificationReport:
         )
 
 
-class PredictionWriter:
+class PredictionWriter(_RunCollector):
     """Write ``path, predicted class, probabilities...`` for every input to a CSV file."""
 
     def __init__(self, csv_path: str | Path, class_names: Sequence[str]) -> None:
         self.csv_path = Path(csv_path)
         self.class_names = list(class_names)
-
-    def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
-        if not engine.has_event_handler(self._completed, Events.COMPLETED):
-            engine.add_event_handler(Events.STARTED, self._reset)
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-            engine.add_event_handler(Events.COMPLETED, self._completed)
 
     def _reset(self, _: Engine) -> None:
         self._rows: list[list[Any]] = []
