@@ -420,3 +420,91 @@ def test_replayed_old_round_reply_is_rejected():
         )
         s, _, metrics = _aggregate([_honest(1, 1.0, 10), reply(9, old)], server_round=3)
     assert metrics["sites-accepted"] == 1 and [r["node"] for r in s.rejected] == [9]
+
+
+# ------------------------------------------------------------------ 3. SIGKILL and resume
+TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+    from torch import nn
+    from ignite.engine import Engine, Events
+    from shpeft_monai.handlers import TrainingCheckpoint
+    from shpeft_monai.io import save_delta
+    from shpeft_monai.methods import prepare_method
+    from shpeft_monai.model import extract_delta, trainable_parameters
+
+    out, pause = Path(sys.argv[1]), float(sys.argv[2])
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 6, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(4)]
+    cfg = {"budget": 10, "head": ["2"], "calibration_batches": 2}
+    net = prepare_method(net, "shpeft", shpeft=cfg, calib_loader=data, output_dir=out, progress=False)
+    opt = torch.optim.AdamW(trainable_parameters(net), lr=1e-2, weight_decay=0.01)
+
+    def step(engine, batch):
+        time.sleep(pause)
+        x, y = batch
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    engine = Engine(step)
+    TrainingCheckpoint(out, net, opt, resume=True).attach(engine)
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda e: print("epoch", e.state.epoch, flush=True))
+    engine.run(data, max_epochs=6)
+    save_delta(out / "final_delta.safetensors", extract_delta(net))
+    print("done", flush=True)
+    """
+)
+
+
+def _train(script: Path, out: Path, pause: float = 0.0, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out), str(pause)],
+        cwd=REPO,  # never /tmp: stray modules there would shadow ours
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+
+    ref = _train(script, ref_dir)
+    out, _ = ref.communicate(timeout=120)
+    assert ref.returncode == 0, out
+
+    victim = _train(script, run_dir, pause=0.1, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while not (run_dir / "last_trainer.json").is_file():
+        assert victim.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.02)
+    time.sleep(0.15)  # somewhere inside the next epoch (4 steps of >= 0.1 s each)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    assert not (run_dir / "final_delta.safetensors").exists()
+    killed_at = json.loads((run_dir / "last_trainer.json").read_text())["epoch"]
+    assert 1 <= killed_at < 6
+
+    resumed = _train(script, run_dir)
+    out, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, out
+    epochs = [int(line.split()[1]) for line in out.splitlines() if line.startswith("epoch")]
+    assert epochs == list(range(killed_at + 1, 7))  # continued after the last complete epoch
+
+    a, b = load_delta(ref_dir / "final_delta.safetensors"), load_delta(run_dir / "final_delta.safetensors")
+    assert a.mask.fingerprint == b.mask.fingerprint  # same mask (reloaded from mask.safetensors)
+    # fixed data order + no randomness in the step + optimizer state restored: bitwise on CPU
+    assert _same_delta(a, b)
