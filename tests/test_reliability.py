@@ -481,10 +481,8 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
     script.write_text(TRAIN_SCRIPT)
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
 
+    # the uninterrupted reference and the victim start together (import time dominates)
     ref = _train(script, ref_dir)
-    out, _ = ref.communicate(timeout=120)
-    assert ref.returncode == 0, out
-
     victim = _train(script, run_dir, pause=0.1, start_new_session=True)
     deadline = time.monotonic() + 90
     while not (run_dir / "last_trainer.json").is_file():
@@ -497,6 +495,8 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
     assert not (run_dir / "final_delta.safetensors").exists()
     killed_at = json.loads((run_dir / "last_trainer.json").read_text())["epoch"]
     assert 1 <= killed_at < 6
+    out, _ = ref.communicate(timeout=120)
+    assert ref.returncode == 0, out
 
     resumed = _train(script, run_dir)
     out, _ = resumed.communicate(timeout=120)
