@@ -508,3 +508,77 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
     assert a.mask.fingerprint == b.mask.fingerprint  # same mask (reloaded from mask.safetensors)
     # fixed data order + no randomness in the step + optimizer state restored: bitwise on CPU
     assert _same_delta(a, b)
+
+
+# ------------------------------------------------------------------ 4. bad input at scale
+def _nifti(path: Path, arr: np.ndarray) -> Path:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
+    return path
+
+
+def _bad_datalist(tmp_path: Path) -> tuple[list[dict], list[int]]:
+    from shpeft_monai.data import br35h_root
+
+    try:
+        root = br35h_root()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    d = tmp_path / "data"
+    d.mkdir()
+    real = sorted((root / "no").glob("*.jpg"))[:8] + sorted((root / "yes").glob("*.jpg"))[:8]
+    good = []
+    for i, src in enumerate(real):
+        dst = d / f"good{i}.jpg"
+        shutil.copyfile(src, dst)
+        good.append({"image": str(dst), "label": 0 if "/no/" in str(src) else 1})
+    jpeg = real[0].read_bytes()
+    (d / "random.jpg").write_bytes(os.urandom(2048))
+    (d / "bad_header.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 16 + jpeg[200:])
+    (d / "truncated.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 5])
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "empty.nii.gz").write_bytes(b"")
+    _nifti(d / "nan.nii.gz", np.full((16, 16), np.nan, np.float32))
+    ok = _nifti(d / "ok.nii.gz", np.random.default_rng(0).random((16, 16)).astype(np.float32))
+    (d / "truncated.nii.gz").write_bytes(ok.read_bytes()[: ok.stat().st_size // 2])
+    _nifti(d / "five_channels.nii.gz", np.zeros((16, 16, 1, 1, 5), np.float32))  # 5 components
+    bad = [
+        {"image": str(d / "random.jpg"), "label": 0},
+        {"image": str(d / "bad_header.jpg"), "label": 1},
+        {"image": str(d / "truncated.jpg"), "label": 0},
+        {"image": str(d / "empty.jpg"), "label": 1},
+        {"image": str(d / "empty.nii.gz"), "label": 1},
+        {"image": str(d / "missing.jpg"), "label": 0},
+        {"image": str(d / "sub" / "missing.nii.gz"), "label": 1},
+        {"image": str(d / "nan.nii.gz"), "label": 0},
+        {"image": str(d / "truncated.nii.gz"), "label": 1},
+        {"image": str(d / "five_channels.nii.gz"), "label": 0},
+        {"image": good[0]["image"], "label": 2},  # label out of range
+        {"image": good[1]["image"], "label": -1},
+        {"image": good[2]["image"], "label": "yes"},
+        {"label": 1},  # no image at all
+    ]
+    good.append({"image": str(ok), "label": 1})
+    # interleave deterministically: 17 good, 14 bad, 31 entries
+    items = [(g, True) for g in good] + [(b, False) for b in bad]
+    order = np.random.default_rng(3).permutation(len(items))
+    datalist = [items[i][0] for i in order]
+    bad_idx = [j for j, i in enumerate(order) if not items[i][1]]
+    return datalist, bad_idx
+
+
+def test_preflight_reports_every_bad_entry_at_once(tmp_path):
+    from shpeft_monai.data import DataError, preflight
+
+    datalist, bad_idx = _bad_datalist(tmp_path)
+    assert len(datalist) == 31 and len(bad_idx) == 14
+    good, problems = preflight(datalist, num_classes=2, skip_bad=True)
+    assert sorted(p["index"] for p in problems) == bad_idx, problems
+    assert all(p["reason"] for p in problems)
+    assert good == [s for i, s in enumerate(datalist) if i not in bad_idx]  # exactly the good ones, in order
+    with pytest.raises(DataError) as info:
+        preflight(datalist, num_classes=2)
+    msg = str(info.value)
+    for p in problems[:10]:  # every problem is named in the one error (the list may be capped)
+        assert f"[{p['index']}]" in msg
