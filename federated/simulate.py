@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/fed-sim")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--train-per-site", type=int, default=96, help="stratified subset per site (0 = all)")
     p.add_argument(
         "--val-limit", type=int, default=160, help="validation images for per-round accuracy (0 = all)"
@@ -51,12 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--random-init", action="store_true", help="random weights (tests; no converted checkpoint)"
     )
     p.add_argument("--img-size", type=int, default=112)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the k selected values")
-    p.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the dense head (0 = --lr)")
+    p.add_argument("--head-lr", type=float, default=0.0, help="learning rate of the dense head (0 = --lr)")
     p.add_argument("--budget", type=float, default=1e-4)
     p.add_argument("--rho", type=float, default=0.5)
-    p.add_argument("--calibration-batches", type=int, default=8)
+    p.add_argument("--calibration-batches", type=int, default=4)
     p.add_argument("--skew", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--local-site", type=int, default=0, help="site of the local-only reference")
