@@ -109,7 +109,12 @@ def _header(data: bytes, where: str) -> dict[str, Any]:
         raise DeltaFileError(f"{where}: the header is not valid JSON ({exc}).") from exc
     if not isinstance(header, dict):
         raise DeltaFileError(f"{where}: the header is not a JSON object.")
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise DeltaFileError(f"{where}: '__metadata__' in the header is not an object.")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise DeltaFileError(f"{where}: malformed tensor entry in the header ({exc!r}).") from exc
     if 8 + n + end != len(data):
         raise DeltaFileError(
             f"{where}: the file has {len(data) - 8 - n - end} unexpected bytes after its data "
@@ -152,7 +157,7 @@ def delta_from_bytes(data: bytes, where: str = "<bytes>") -> SparseDelta:
         return SparseDelta(
             mask, values, head, json.loads(meta.get("config", "{}")), json.loads(meta.get("meta", "{}"))
         )
-    except (DeltaMismatchError, KeyError, json.JSONDecodeError, TypeError) as exc:
+    except (DeltaMismatchError, KeyError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
         raise DeltaFileError(f"{where}: {exc}") from exc
 
 

@@ -152,7 +152,7 @@ class SparseMask:
             tensors = layout["tensors"]
             shapes = {n: tuple(t["shape"]) for n, t in tensors.items()}
             counts = [int(t["count"]) for t in tensors.values()]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DeltaMismatchError(f"malformed mask payload: {exc!r}") from exc
         if idx.dim() != 1 or sum(counts) != idx.numel():
             raise DeltaMismatchError(

@@ -39,22 +39,13 @@ from tests.fuzz_targets import (
 
 pytestmark = pytest.mark.reliability
 REPO = Path(__file__).resolve().parents[1]
-# derandomize: a fixed example sequence, so a strict xfail of a known defect is stable; no shrinking: bounded time
+# derandomize: a fixed, reproducible example sequence; no shrinking: bounded time
 FUZZ = settings(
     max_examples=200,
     deadline=None,
     derandomize=True,
     phases=[Phase.explicit, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow],
-)
-HEADER_DEFECT = (
-    "DEFECT io._header: a tensor entry without a well-formed 'data_offsets' (missing key, non-dict entry, "
-    "non-int offsets) escapes as KeyError/TypeError/ValueError, and a non-dict '__metadata__' as "
-    "AttributeError, instead of DeltaFileError"
-)
-LAYOUT_DEFECT = (
-    "DEFECT sparse.SparseMask.from_arrays: a layout whose 'tensors' is not a dict raises AttributeError "
-    "(not caught) instead of DeltaMismatchError -> DeltaFileError"
 )
 
 
@@ -108,7 +99,6 @@ def test_fuzz_delta_loader_random_bytes_behind_valid_length_prefix(body):
     fuzz_delta_bytes(len(body).to_bytes(8, "little") + body)
 
 
-@pytest.mark.xfail(strict=True, reason=HEADER_DEFECT)
 @FUZZ
 @given(st.data())
 def test_fuzz_delta_loader_mutated_valid_file(data):
@@ -139,7 +129,6 @@ JSON = st.recursive(
 )
 
 
-@pytest.mark.xfail(strict=True, reason=HEADER_DEFECT + "; " + LAYOUT_DEFECT)
 @FUZZ
 @given(st.data())
 def test_fuzz_delta_loader_header_edits(data):
@@ -169,11 +158,11 @@ def test_fuzz_delta_loader_header_edits(data):
 @pytest.mark.parametrize(
     "edit",
     [
-        pytest.param("metadata-list", marks=pytest.mark.xfail(strict=True, reason=HEADER_DEFECT)),
-        pytest.param("tensor-entry-int", marks=pytest.mark.xfail(strict=True, reason=HEADER_DEFECT)),
+        "metadata-list",
+        "tensor-entry-int",
         "layout-list",
-        pytest.param("layout-tensors-list", marks=pytest.mark.xfail(strict=True, reason=LAYOUT_DEFECT)),
-        pytest.param("offsets-str", marks=pytest.mark.xfail(strict=True, reason=HEADER_DEFECT)),
+        "layout-tensors-list",
+        "offsets-str",
     ],
 )
 def test_delta_loader_header_regressions(edit):
