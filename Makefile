@@ -58,5 +58,9 @@ bench: weights
 fed-sim: weights
 	$(PY) -m federated.simulate --out runs/fed-sim
 
+# loopback SuperLink + 2 SuperNodes with TLS and SuperNode authentication (see docs/federated.md)
+fed-deploy: weights
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/fed_deploy.sh runs/fed-deploy 2
+
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
