@@ -122,7 +122,15 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
             model, make_loader(site_records(context, s, "train"), s, train=True), s, epochs, lr, head_lr
         )
         values, head = global_state(model, mask, cfg)
-        content = codec.encode_update(values, head, fp, num_examples=n, metrics={"train-loss": loss})
+        # echo the round so that the server can refuse a replayed reply from an earlier round
+        content = codec.encode_update(
+            values,
+            head,
+            fp,
+            num_examples=n,
+            metrics={"train-loss": loss},
+            config={"server-round": int(cfg_rec.get("server-round", 0))},
+        )
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

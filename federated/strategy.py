@@ -226,6 +226,12 @@ class SparseDeltaFedAvg(FedAvg):
             if node in seen:
                 self._reject("train", server_round, node, "duplicate reply")
                 continue
+            replied_round = (
+                msg.content[codec.CONFIG].get("server-round") if codec.CONFIG in msg.content else None
+            )
+            if replied_round is not None and int(replied_round) != server_round:
+                self._reject("train", server_round, node, f"reply is for round {replied_round} (replayed?)")
+                continue
             try:
                 values, head, n = codec.decode_update(
                     msg.content,

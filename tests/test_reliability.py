@@ -389,11 +389,6 @@ def test_hostile_update_is_dropped_logged_and_result_is_honest_mean(kind, caplog
     assert any("node 9" in rec.getMessage() for rec in caplog.records)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP: train replies carry no round number and the strategy does not match replies to the "
-    "messages it sent, so a replayed reply from an old round is aggregated as if it were fresh",
-)
 def test_replayed_old_round_reply_is_rejected():
     from federated import codec
     from tests.test_federated import head_arrays, reply
