@@ -583,6 +583,13 @@ def _mib(b: float | None) -> str:
     return "-" if b is None else f"{b / 2**20:.1f}"
 
 
+def _size(b: float | None) -> str:
+    """Bytes with a unit that keeps small optimizer states readable (KiB below 1 MiB)."""
+    if b is None:
+        return "-"
+    return f"{b / 2**10:.1f} KiB" if b < 2**20 else f"{b / 2**20:.1f} MiB"
+
+
 def _x(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
@@ -598,9 +605,9 @@ _COLUMNS = (
     "fwd/bwd/opt ms",
     "peak MiB",
     "vs full",
-    "opt state MiB",
-    "grads MiB",
-    "selection s",
+    "opt state",
+    "grads",
+    "selection s / peak MiB",
 )
 
 
@@ -628,9 +635,9 @@ def _rows(results: list[dict[str, Any]], model: str) -> list[list[str]]:
                 phases,
                 _mib(r["peak_bytes"]),
                 _x(r.get("peak_vs_full")),
-                _mib(r["optimizer_state_bytes"]),
-                _mib(r["grad_bytes"]),
-                "-" if sel is None else f"{sel:.2f}",
+                _size(r["optimizer_state_bytes"]),
+                _size(r["grad_bytes"]),
+                "-" if sel is None else f"{sel:.2f} / {_mib(r.get('selection_peak_bytes'))}",
             ]
         )
     return rows
@@ -654,6 +661,10 @@ def render_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _load(values: Sequence[float] | None) -> str:
+    return "-" if not values else "/".join(f"{v:.1f}" for v in values)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as a small markdown document: machine facts, one table per model, targets."""
     m, s = report["machine"], report["settings"]
@@ -662,7 +673,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"{m['device_name']} ({s['device']}), torch {m['torch']}, {m['torch_threads']} threads, "
         f"{m['cpu_count']} CPUs; batch {s['batch_size']}, {s['img_size']} px, {s['num_classes']} classes, "
-        f"amp {s['amp']}; median of {s['steps']} steps after {s['warmup']} warm-up; {report['created']}.",
+        f"amp {s['amp']}; median of {s['steps']} steps after {s['warmup']} warm-up; {report['created']}; "
+        f"load average at start {_load(m.get('load_average_at_start'))}, at end "
+        f"{_load(m.get('load_average_1_5_15'))} (1/5/15 min).",
         "",
         f"Peak memory: {report['notes']['memory']}",
         "",
@@ -679,7 +692,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += [
                 "",
                 f"SH-PEFT targets: time {_x(t['time_vs_full'])} of full (target <= 0.70x: "
-                f"{'met' if t['time_vs_full_met'] else 'missed'}), {_x(t.get('time_vs_lora'))} of LoRA "
+                f"{'met' if t['time_vs_full_met'] else 'missed'}; process CPU time "
+                f"{_x(t.get('cpu_time_vs_full'))}), {_x(t.get('time_vs_lora'))} of LoRA "
+                f"(CPU time {_x(t.get('cpu_time_vs_lora'))}) "
                 f"({'below' if t['time_below_lora'] else 'not below'}); peak memory {_x(t.get('peak_vs_gps'))} "
                 f"of GPS masking, below full: {t['peak_below_full']}, below GPS: {t['peak_below_gps']}; "
                 f"optimizer state {t['optimizer_state_bytes_per_trainable']:.1f} bytes per trainable value "
