@@ -326,7 +326,16 @@ def mask_summary(mask: SparseMask) -> dict[str, Any]:
     for name, count in mask.counts().items():
         by_block[_block_of(name)] += count
         by_type[re.sub(r"\.\d+\.", ".*.", name)] += count
-    return {"k": mask.k, "by_tensor": mask.counts(), "by_block": dict(by_block), "by_type": dict(by_type)}
+
+    def natural(item: tuple[str, int]) -> list:  # blocks.2 before blocks.10
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", item[0])]
+
+    return {
+        "k": mask.k,
+        "by_tensor": mask.counts(),
+        "by_block": dict(sorted(by_block.items(), key=natural)),
+        "by_type": dict(sorted(by_type.items(), key=natural)),
+    }
 
 
 def trainable_report(model: nn.Module) -> dict[str, Any]:
