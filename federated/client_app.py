@@ -99,12 +99,10 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
             content=RecordDict({codec.METRICS: MetricRecord({"mask-ok": 1, "k": mask.k})}), reply_to=msg
         )
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        from federated.task import global_state, inject_fresh, load_global, make_loader, train_local
+    def _global_model(msg: Message, context: Context, s):
+        """A fresh base model with the agreed mask and the server's current values and head."""
+        from federated.task import inject_fresh, load_global
 
-        s = _settings(context, overrides)
-        cfg_rec = msg.content[codec.CONFIG]
         mask, fp = _mask_for(msg, context)
         model, cfg = inject_fresh(s, mask)
         values, head, _ = codec.decode_update(
@@ -115,6 +113,15 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
             need_examples=False,
         )
         load_global(model, mask, values, head, cfg)
+        return model, mask, fp, cfg
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        from federated.task import global_state, make_loader, train_local
+
+        s = _settings(context, overrides)
+        cfg_rec = msg.content[codec.CONFIG]
+        model, mask, fp, cfg = _global_model(msg, context, s)
         epochs = int(cfg_rec.get("local-epochs", s.local_epochs))
         lr = float(cfg_rec.get("lr", s.lr))
         head_lr = float(cfg_rec.get("head-lr", s.head_lr))
@@ -135,19 +142,10 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        from federated.task import evaluate_model, inject_fresh, load_global, make_loader
+        from federated.task import evaluate_model, make_loader
 
         s = _settings(context, overrides)
-        mask, fp = _mask_for(msg, context)
-        model, cfg = inject_fresh(s, mask)
-        values, head, _ = codec.decode_update(
-            msg.content,
-            mask_fingerprint=fp,
-            k=mask.k,
-            head_shapes=_head_shapes(model, cfg),
-            need_examples=False,
-        )
-        load_global(model, mask, values, head, cfg)
+        model, _, _, _ = _global_model(msg, context, s)
         metrics = evaluate_model(model, make_loader(site_records(context, s, "validation"), s, train=False))
         return Message(content=RecordDict({codec.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
