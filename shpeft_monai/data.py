@@ -52,6 +52,8 @@ from tqdm import tqdm
 
 from shpeft_monai._assets import package_dir
 
+from .networks import IMAGENET_MEAN, IMAGENET_STD  # one definition, re-exported here
+
 __all__ = [
     "BR35H_CLASSES",
     "IMAGENET_MEAN",
@@ -73,8 +75,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 BR35H_CLASSES: tuple[str, str] = ("no", "yes")
 SPLIT_NAMES: tuple[str, str, str] = ("train", "validation", "test")
 IMAGE_SUFFIXES: tuple[str, ...] = (
