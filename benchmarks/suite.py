@@ -81,8 +81,9 @@ class SuiteConfig:
     budget: float = 1e-4
     calibration_batches: int = 4
     head_warmup: int = 10
-    lr: float = 1e-3  # PEFT methods (sparse values, LoRA, biases, head)
-    lr_full: float = 1e-4  # full fine-tuning of the whole backbone
+    # learning rate per method chosen on VALIDATION (seed 0) from a grid; other seeds reuse the winner
+    lr_grid: tuple[float, ...] = (1e-4, 1e-3)  # PEFT methods (sparse values, LoRA, biases, head)
+    lr_grid_full: tuple[float, ...] = (1e-5, 1e-4)  # full fine-tuning of the whole backbone
     weight_decay: float = 1e-4
     lora_r: int = 8
     threads: int = 2
@@ -109,8 +110,11 @@ DEFAULT_METHODS = (
 ABLATIONS = ("budget", "rho", "estimator", "calibration_batches", "calibration_loss")
 
 CONFIGS: dict[str, SuiteConfig] = {
-    # 2 CPU cores: 112 px (64 tokens for ViT-S/14), 400 training images, full val/test, 3 epochs
-    "cpu": SuiteConfig(methods=DEFAULT_METHODS, ablations=ABLATIONS),
+    # 2 CPU cores in about an hour: 70 px (25 tokens for ViT-S/14), 320 training and 240 validation
+    # images, the whole test split, 3 epochs
+    "cpu": SuiteConfig(
+        img_size=70, train_subset=320, val_subset=240, methods=DEFAULT_METHODS, ablations=ABLATIONS
+    ),
     # what finished on a shared, heavily loaded 2-core machine (see docs/benchmarks.md)
     "cpu_small": SuiteConfig(
         name="cpu_small",
@@ -123,6 +127,8 @@ CONFIGS: dict[str, SuiteConfig] = {
         seeds=(0,),
         calibration_batches=2,
         head_warmup=5,
+        lr_grid=(1e-3,),
+        lr_grid_full=(1e-4,),
         methods=(
             "shpeft_union",
             "task_specific",
@@ -162,6 +168,8 @@ CONFIGS: dict[str, SuiteConfig] = {
         seeds=(0,),
         calibration_batches=1,
         head_warmup=1,
+        lr_grid=(1e-3,),
+        lr_grid_full=(1e-4,),
         methods=("shpeft_union", "linear_probe"),
         ablations=(),
     ),
@@ -170,20 +178,22 @@ CONFIGS: dict[str, SuiteConfig] = {
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: a method (with its SH-PEFT settings) on one network and seed."""
+    """One training run: a method (with its SH-PEFT settings) on one network, learning rate and seed."""
 
     label: str  # table row, e.g. "shpeft_union" or "budget=0.001"
     group: str  # "methods" or the ablation's name
     network: str
     method: str
-    shpeft: dict[str, Any] = field(default_factory=dict)
+    shpeft: dict[str, Any] = field(default_factory=dict)  # complete SH-PEFT settings (method "shpeft")
     warmup: bool = True
     seed: int = 0
+    lr: float = 1e-4
 
     @property
     def key(self) -> str:
-        body = json.dumps([self.network, self.method, self.shpeft, self.warmup, self.seed], sort_keys=True)
-        return hashlib.sha1(body.encode()).hexdigest()[:12]
+        """Identity of the training run: equal settings share one run whatever the row they fill."""
+        body = [self.network, self.method, self.shpeft, self.warmup, self.seed, self.lr]
+        return hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _method_spec(name: str) -> tuple[str, str, dict[str, Any]]:
@@ -228,14 +238,63 @@ def _ablation_specs(name: str, cfg: SuiteConfig) -> list[tuple[str, dict[str, An
     raise ValueError(f"unknown ablation {name!r}; known: {ABLATIONS}")
 
 
-def plan_runs(cfg: SuiteConfig) -> list[RunSpec]:
+def shpeft_settings(cfg: SuiteConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The complete SH-PEFT settings of a run (so that equal settings give equal run keys)."""
+    from shpeft_monai.config import SHPEFTConfig
+
+    base = {
+        "budget": cfg.budget,
+        "calibration_batches": cfg.calibration_batches,
+        "calibration_loss": "ce",
+        "head_warmup_steps": 0,  # the suite warms every method's head up the same way beforehand
+    }
+    return SHPEFTConfig.from_dict({**base, **overrides}).to_dict()
+
+
+def _lr_grid(cfg: SuiteConfig, method: str) -> tuple[float, ...]:
+    return cfg.lr_grid_full if method == "full" else cfg.lr_grid
+
+
+def chosen_lr(results: dict[str, dict[str, Any]], specs: list[RunSpec]) -> float | None:
+    """The grid point whose seed-0 run scored best on validation (None until all have run)."""
+    if not all(s.key in results for s in specs):
+        return None
+    best = max(specs, key=lambda s: (_val_key(results[s.key]["val"]), -s.lr))  # ties: the smaller lr
+    return best.lr
+
+
+def plan_runs(cfg: SuiteConfig, results: dict[str, dict[str, Any]] | None = None) -> list[RunSpec]:
+    """Every run the suite needs given the finished ``results`` (by key).
+
+    Each method first runs seed ``cfg.seeds[0]`` at every learning rate of its grid; once those are
+    done, the other seeds run at the learning rate that won on validation. Ablations run at the
+    learning rate chosen for ``shpeft_union`` (or the first grid point when it is not in the suite).
+    """
+    results = results or {}
     runs: list[RunSpec] = []
+    s0, rest = cfg.seeds[0], cfg.seeds[1:]
+    union_lr = None if "shpeft_union" in cfg.methods else cfg.lr_grid[0]
     for name in cfg.methods:
-        network, method, shpeft = _method_spec(name)
-        runs += [RunSpec(name, "methods", network, method, shpeft, True, s) for s in cfg.seeds]
+        network, method, overrides = _method_spec(name)
+        shpeft = shpeft_settings(cfg, overrides) if method == "shpeft" else {}
+        grid = [
+            RunSpec(name, "lr_search", network, method, shpeft, True, s0, lr) for lr in _lr_grid(cfg, method)
+        ]
+        runs += grid
+        lr = chosen_lr(results, grid)
+        if lr is None:
+            continue
+        if name == "shpeft_union":
+            union_lr = lr
+        runs += [RunSpec(name, "methods", network, method, shpeft, True, s, lr) for s in (s0, *rest)]
+    if "shpeft_union" in cfg.methods and union_lr is None:
+        return runs
     for abl in cfg.ablations:
-        for label, shpeft, warm in _ablation_specs(abl, cfg):
-            runs += [RunSpec(label, abl, VIT, "shpeft", shpeft, warm, s) for s in cfg.ablation_seeds]
+        for label, overrides, warm in _ablation_specs(abl, cfg):
+            shpeft = shpeft_settings(cfg, overrides)
+            runs += [
+                RunSpec(label, abl, VIT, "shpeft", shpeft, warm, s, union_lr) for s in cfg.ablation_seeds
+            ]
     return runs
 
 
@@ -368,14 +427,7 @@ def run_one(spec: RunSpec, cfg: SuiteConfig, data: dict[str, Split]) -> dict[str
     size = cfg.cnn_img_size if spec.network == CNN else cfg.img_size
     kwargs = {"img_size": size} if spec.network == VIT else {}
     model = create_network(spec.network, num_classes=len(CLASS_NAMES), **kwargs).to(device)
-    shpeft = {
-        "budget": cfg.budget,
-        "calibration_batches": cfg.calibration_batches,
-        "calibration_loss": "ce",
-        "head_warmup_steps": 0,
-        "seed": spec.seed,
-        **spec.shpeft,
-    }
+    shpeft = {**(spec.shpeft or shpeft_settings(cfg, {})), "seed": spec.seed}
     scfg = SHPEFTConfig.from_dict(shpeft)
     head = head_parameters(model, scfg)
     head_numel = sum(p.numel() for p in head.values())
@@ -411,7 +463,7 @@ def run_one(spec: RunSpec, cfg: SuiteConfig, data: dict[str, Split]) -> dict[str
         head_n = head_numel
         selected = n_trainable - head_numel
         eligible = None
-    lr = cfg.lr_full if spec.method == "full" else cfg.lr
+    lr = spec.lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     mem = _memory_probe(device)
     step_times: list[float] = []
@@ -545,6 +597,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             else None
         )
         row["chosen_epochs"] = [r["chosen_epoch"] for r in rs]
+        row["lr"] = r0["lr"]
         out.append(row)
     return out
 
@@ -552,7 +605,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def winners(summary: list[dict[str, Any]]) -> dict[str, Any]:
     """Best SH-PEFT setting per ablation and among the methods, by mean VALIDATION AUC then accuracy."""
     out: dict[str, Any] = {}
-    for group in sorted({r["group"] for r in summary}):
+    for group in sorted({r["group"] for r in summary} - {"lr_search"}):
         rows = [r for r in summary if r["group"] == group and r["method"] == "shpeft" and r["network"] == VIT]
         if not rows:
             continue
@@ -600,7 +653,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"(n test = {report.get('n_test')}); ViT {cfg['img_size']} px, CNN {cfg['cnn_img_size']} px; "
         f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, seeds {cfg['seeds']} "
         f"(ablations: {cfg['ablation_seeds']}); budget {cfg['budget']:g} of eligible backbone weights; "
-        f"AdamW lr {cfg['lr']:g} (full: {cfg['lr_full']:g}), wd {cfg['weight_decay']:g}; head warm-up "
+        f"AdamW, wd {cfg['weight_decay']:g}, learning rate per method chosen on validation (seed "
+        f"{cfg['seeds'][0]}) from {', '.join(f'{x:g}' for x in cfg['lr_grid'])} (full fine-tuning: "
+        f"{', '.join(f'{x:g}' for x in cfg['lr_grid_full'])}); head warm-up "
         f"{cfg['head_warmup']} steps for every method; calibration {cfg['calibration_batches']} batches.  ",
         "Model selection: best validation ROC-AUC (then accuracy) over epochs; test evaluated once at "
         "that epoch. Time/memory: median train-step time and peak memory of the first epoch's steps "
@@ -610,9 +665,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"**Note:** {cfg['note']}"]
     head = (
         "| method | network | test acc % | test F1 % | test AUC % | val AUC % | backbone weights | "
-        "share | head | step time vs full | memory vs full | selection s | artefact | epochs chosen |"
+        "share | head | lr | step time vs full | memory vs full | selection s | artefact | epochs chosen |"
     )
-    sep = "|" + "---|" * 14
+    sep = "|" + "---|" * 15
     for group in ["methods"] + [g for g in ABLATIONS if any(r["group"] == g for r in report["summary"])]:
         rows = [r for r in report["summary"] if r["group"] == group]
         if not rows:
@@ -623,10 +678,21 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['label']} | {net} | {_fmt(r['test_accuracy'])} | {_fmt(r['test_f1_macro'])} | "
                 f"{_fmt(r['test_roc_auc'])} | {_fmt(r['val_roc_auc'])} | {r['selected_backbone_weights']:,} | "
-                f"{100 * r['share_of_backbone']:.4f}% | {r['head_parameters']:,} | {_ratio(r['time_vs_full'])} | "
+                f"{100 * r['share_of_backbone']:.4f}% | {r['head_parameters']:,} | {r['lr']:g} | "
+                f"{_ratio(r['time_vs_full'])} | "
                 f"{_ratio(r['memory_vs_full'])} | {r['selection_s']:.1f} | {_bytes(r['artefact_bytes'])} | "
                 f"{r['chosen_epochs']} |"
             )
+    if report.get("lr_choice"):
+        lines += ["", "## Learning rate chosen on validation", ""]
+        lines += ["| method | val AUC % (val acc %) at each lr | chosen |", "|---|---|---|"]
+        for name, c in report["lr_choice"].items():
+            grid = ", ".join(
+                f"{lr}: {100 * v['val_roc_auc']:.1f} ({100 * v['val_accuracy']:.1f})"
+                for lr, v in c["grid"].items()
+            )
+            chosen = f"{c['chosen']:g}" if c["chosen"] is not None else "pending"
+            lines.append(f"| {name} | {grid} | {chosen} |")
     if report.get("winners"):
         lines += ["", "## SH-PEFT settings that won on validation (not test)", ""]
         for g, w in report["winners"].items():
@@ -743,34 +809,38 @@ def run_suite(
     if cfg.device == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
     json_path = out_dir / f"suite_{cfg.name}.json" if out_dir is not None else None
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []  # unique runs, in the order they finished
     if resume and json_path is not None and json_path.is_file():
         old = json.loads(json_path.read_text())
         if old.get("config", {}) == _cfg_dict(cfg):
             results = old.get("runs", [])
             logger.info("resuming: %d finished runs in %s", len(results), json_path)
-    done = {r["key"] for r in results}
     report: dict[str, Any] = {
         "config": _cfg_dict(cfg),
         "command": command,
         "machine": machine_facts(cfg),
         "runs": results,
     }
-    runs = plan_runs(cfg)
+    by_key = {r["key"]: r for r in results}
     data_by_net: dict[str, dict[str, Split]] = {}
     t_suite = time.perf_counter()
-    for i, spec in enumerate(runs):
-        if spec.key in done:
-            continue
+    while True:
+        plan = plan_runs(cfg, by_key)  # grows as learning rates get chosen on validation
+        todo = [s for s in plan if s.key not in by_key]
+        if not todo:
+            break
+        spec = todo[0]
         if spec.network not in data_by_net:
             data_by_net[spec.network] = load_data(cfg, spec.network)
-        logger.info("[%d/%d] %s / %s seed %d", i + 1, len(runs), spec.group, spec.label, spec.seed)
+        n_done = len({s.key for s in plan} & set(by_key))
+        tag = f"[{n_done + 1}/{len({s.key for s in plan})}+]"
+        logger.info("%s %s / %s lr %g seed %d", tag, spec.group, spec.label, spec.lr, spec.seed)
         r = run_one(spec, cfg, data_by_net[spec.network])
         logger.info(
-            "[%d/%d] %s seed %d: chosen epoch %d, val auc %.4f, test acc %.4f f1 %.4f auc %.4f (%.0fs)",
-            i + 1,
-            len(runs),
+            "%s %s lr %g seed %d: chosen epoch %d, val auc %.4f, test acc %.4f f1 %.4f auc %.4f (%.0fs)",
+            tag,
             spec.label,
+            spec.lr,
             spec.seed,
             r["chosen_epoch"],
             r["val"]["roc_auc"],
@@ -779,21 +849,52 @@ def run_suite(
             r["test"]["roc_auc"],
             r["run_s"],
         )
+        by_key[spec.key] = r
         results.append(r)
-        _finish(report, json_path, time.perf_counter() - t_suite)
-    _finish(report, json_path, time.perf_counter() - t_suite, plots=True)
+        _finish(report, plan, json_path, time.perf_counter() - t_suite)
+    _finish(report, plan, json_path, time.perf_counter() - t_suite, plots=True)
     return report
+
+
+def table_rows(results: list[dict[str, Any]], plan: list[RunSpec]) -> list[dict[str, Any]]:
+    """Each planned run's result under the row (group, label) it fills; a run may fill several."""
+    by_key = {r["key"]: r for r in results}
+    out = []
+    for s in plan:
+        if s.key in by_key:
+            label = f"{s.label} @ lr={s.lr:g}" if s.group == "lr_search" else s.label
+            out.append({**by_key[s.key], "group": s.group, "label": label})
+    return out
+
+
+def lr_choices(results: list[dict[str, Any]], plan: list[RunSpec]) -> dict[str, Any]:
+    """Per method: validation score at each grid learning rate (seed 0) and the one chosen."""
+    by_key = {r["key"]: r for r in results}
+    out: dict[str, Any] = {}
+    for s in plan:
+        if s.group == "lr_search" and s.key in by_key:
+            v = by_key[s.key]["val"]
+            out.setdefault(s.label, {"grid": {}, "chosen": None})["grid"][f"{s.lr:g}"] = {
+                "val_roc_auc": v["roc_auc"],
+                "val_accuracy": v["accuracy"],
+            }
+        elif s.group == "methods" and s.label in out:
+            out[s.label]["chosen"] = s.lr
+    return out
 
 
 def _cfg_dict(cfg: SuiteConfig) -> dict[str, Any]:
     d = asdict(cfg)
-    for k in ("seeds", "ablation_seeds", "methods", "ablations"):
+    for k in ("seeds", "ablation_seeds", "methods", "ablations", "lr_grid", "lr_grid_full"):
         d[k] = list(d[k])
     return d
 
 
-def _finish(report: dict[str, Any], json_path: Path | None, seconds: float, plots: bool = False) -> None:
-    report["summary"] = summarize(report["runs"])
+def _finish(
+    report: dict[str, Any], plan: list[RunSpec], json_path: Path | None, seconds: float, plots: bool = False
+) -> None:
+    report["summary"] = summarize(table_rows(report["runs"], plan))
+    report["lr_choice"] = lr_choices(report["runs"], plan)
     report["winners"] = winners(report["summary"])
     report["wall_s_this_invocation"] = seconds
     report["n_test"] = report["runs"][0]["test"]["n"] if report["runs"] else None

@@ -81,3 +81,54 @@ def test_shpeft_trains_exactly_k_plus_head(report):
     lp = next(r for r in report["runs"] if r["method"] == "linear_probe")
     assert lp["selected_backbone_weights"] == 0
     assert lp["trainable_total"] == lp["head_parameters"]
+
+
+def _fake(spec, auc):
+    return {"key": spec.key, "val": {"roc_auc": auc, "accuracy": auc}}
+
+
+def test_learning_rate_is_chosen_on_validation_then_reused_for_every_seed():
+    cfg = replace(
+        suite.CONFIGS["cpu"],
+        methods=("shpeft_union", "full"),
+        ablations=("budget",),
+        seeds=(0, 1, 2),
+        lr_grid=(1e-4, 1e-3),
+        lr_grid_full=(1e-5, 1e-4),
+    )
+    plan = suite.plan_runs(cfg, {})
+    # first only the seed-0 grids; ablations wait for the union's learning rate
+    assert [(s.label, s.lr, s.seed) for s in plan] == [
+        ("shpeft_union", 1e-4, 0),
+        ("shpeft_union", 1e-3, 0),
+        ("full", 1e-5, 0),
+        ("full", 1e-4, 0),
+    ]
+    scores = {
+        ("shpeft_union", 1e-4): 0.8,
+        ("shpeft_union", 1e-3): 0.6,
+        ("full", 1e-5): 0.5,
+        ("full", 1e-4): 0.7,
+    }
+    results = {s.key: _fake(s, scores[(s.label, s.lr)]) for s in plan}
+    plan = suite.plan_runs(cfg, results)
+    methods = [(s.label, s.lr, s.seed) for s in plan if s.group == "methods"]
+    assert methods == [("shpeft_union", 1e-4, s) for s in (0, 1, 2)] + [("full", 1e-4, s) for s in (0, 1, 2)]
+    # seed 0 at the chosen lr IS the grid run (same key): no run twice
+    grid_keys = {s.key for s in plan if s.group == "lr_search"}
+    assert {s.key for s in plan if s.group == "methods" and s.seed == 0} <= grid_keys
+    ablation = [s for s in plan if s.group == "budget"]
+    assert {s.lr for s in ablation} == {1e-4}
+    # the ablation point equal to the default budget is the union's run, not a new one
+    default_point = next(s for s in ablation if s.shpeft["budget"] == cfg.budget)
+    union0 = next(s for s in plan if s.group == "methods" and s.label == "shpeft_union" and s.seed == 0)
+    assert default_point.key == union0.key
+    other = next(s for s in ablation if s.shpeft["budget"] != cfg.budget)
+    assert other.key != union0.key
+
+
+def test_lr_ties_go_to_the_smaller_learning_rate():
+    cfg = replace(suite.CONFIGS["cpu"], methods=("lora",), ablations=(), seeds=(0,), lr_grid=(1e-4, 1e-3))
+    grid = suite.plan_runs(cfg, {})
+    results = {s.key: _fake(s, 0.75) for s in grid}
+    assert suite.chosen_lr(results, grid) == 1e-4
