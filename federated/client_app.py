@@ -57,9 +57,16 @@ def site_records(context: Context, s: Any, split: str) -> list[dict[str, Any]]:
     return recs
 
 
-def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
-    """A ClientApp; ``overrides`` (simulation) take the place of an empty run config."""
-    app = ClientApp()
+def make_client_app(overrides: dict[str, Any] | None = None, faults: Any = None) -> ClientApp:
+    """A ClientApp; ``overrides`` (simulation) take the place of an empty run config.
+
+    ``faults`` ({site: (kind, round)} or ``"SITE:KIND[:ROUND],..."``) turns on fault drills for those
+    simulated sites (:mod:`federated.faults`); a deployed site drills when its node config says so.
+    """
+    from federated.faults import fault_drill, parse_faults
+
+    site_faults = parse_faults(faults) if isinstance(faults, (str, list, tuple)) else faults
+    app = ClientApp(mods=[fault_drill(site_faults)])
 
     @app.query("candidates")
     def candidates(msg: Message, context: Context) -> Message:
@@ -117,6 +124,8 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        import torch
+
         from federated.task import global_state, make_loader, train_local
 
         s = _settings(context, overrides)
@@ -125,9 +134,10 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         epochs = int(cfg_rec.get("local-epochs", s.local_epochs))
         lr = float(cfg_rec.get("lr", s.lr))
         head_lr = float(cfg_rec.get("head-lr", s.head_lr))
-        n, loss = train_local(
-            model, make_loader(site_records(context, s, "train"), s, train=True), s, epochs, lr, head_lr
-        )
+        seed = s.seed + 1009 * int(cfg_rec.get("server-round", 0))  # reproducible per round
+        torch.manual_seed(seed)
+        loader = make_loader(site_records(context, s, "train"), s, train=True, seed=seed)
+        n, loss = train_local(model, loader, s, epochs, lr, head_lr)
         values, head = global_state(model, mask, cfg)
         # echo the round so that the server can refuse a replayed reply from an earlier round
         content = codec.encode_update(

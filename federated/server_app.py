@@ -149,6 +149,7 @@ def run_server(
             ),
         },
         "rejected_replies": strategy.rejected,
+        "aggregation_per_round": strategy.aggregation,
         "seconds": {"mask_agreement": t_mask, "total": time.perf_counter() - t0},
     }
     if out_dir is not None:
@@ -180,7 +181,7 @@ def make_server_app(
                 from shpeft_monai.data import load_split
 
                 records = load_split(src)["validation"]
-        run_server(grid, s, eval_records=records, out_dir=out_dir or s.out)
+        run_server(grid, s, eval_records=records, out_dir=out_dir or s.out, timeout=s.round_timeout)
 
     return app
 

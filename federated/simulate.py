@@ -63,8 +63,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-baselines", action="store_true", help="skip the centralised and local-only references"
     )
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SITE:KIND[:ROUND]",
+        help="fault drill: make a site misbehave in a round (repeatable; kinds in federated/faults.py)",
+    )
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=3600,
+        help="seconds the server waits for the sites' replies in a round before going on without them",
+    )
+    p.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=0,
+        help="CPUs Ray may use (0 = all); each virtual site takes 1, so at most this many train at once",
+    )
     p.add_argument("--phase", choices=("all", "federated"), default="all", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from federated.faults import parse_faults
+
+    try:
+        faults = parse_faults(args.fault)
+    except ValueError as exc:
+        p.error(str(exc))
+    if any(site >= args.sites for site in faults):
+        p.error(f"--fault names a site >= --sites {args.sites} (sites are numbered from 0)")
+    return args
 
 
 def _run_federated_isolated(argv: list[str]) -> None:
@@ -195,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "min-nodes": args.sites,
         "num-threads": 1,
+        "round-timeout": args.round_timeout,
     }
     from flwr.simulation import run_simulation
 
@@ -228,11 +257,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.phase == "federated":
         run_simulation(
             server_app=make_server_app(overrides, eval_records=val, out_dir=out),
-            client_app=make_client_app(overrides),
+            client_app=make_client_app(overrides, faults=args.fault),
             num_supernodes=args.sites,
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": max(os.cpu_count() or 1, args.sites)},
+                "init_args": {"num_cpus": args.ray_cpus or os.cpu_count() or 1},
             },
         )
         return {}

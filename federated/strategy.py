@@ -14,13 +14,16 @@ round loop and logging, and overrides only what sparse payloads need:
 * :meth:`aggregate_evaluate`: malformed metric replies are dropped instead of failing the round.
 
 Every message's serialised size is recorded in :attr:`comm` (bytes per site per round and phase);
-rejected replies in :attr:`rejected`.
+rejected replies in :attr:`rejected`; the time and the peak memory (Python allocations, numpy
+included) of each round's aggregation in :attr:`aggregation`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
+import tracemalloc
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -75,6 +78,7 @@ class SparseDeltaFedAvg(FedAvg):
         self._acked: set[int] = set()
         self.comm: list[dict[str, Any]] = []
         self.rejected: list[dict[str, Any]] = []
+        self.aggregation: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ bookkeeping
     def _account(self, phase: str, server_round: int, node: int, sent: int = 0, received: int = 0) -> None:
@@ -218,6 +222,36 @@ class SparseDeltaFedAvg(FedAvg):
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate and average the replies; the cost is recorded in :attr:`aggregation`."""
+        replies = list(replies)
+        own_trace = not tracemalloc.is_tracing()
+        if own_trace:
+            tracemalloc.start()
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        t0 = time.perf_counter()
+        try:
+            arrays, metrics = self._aggregate_train(server_round, replies)
+        finally:
+            seconds = time.perf_counter() - t0
+            peak = tracemalloc.get_traced_memory()[1] - base
+            if own_trace:
+                tracemalloc.stop()
+        self.aggregation.append(
+            {
+                "round": server_round,
+                "replies": len(replies),
+                "accepted": int(metrics["sites-accepted"]) if metrics is not None else 0,
+                "k": self.mask.k,
+                "seconds": seconds,
+                "peak_bytes": int(peak),
+            }
+        )
+        return arrays, metrics
+
+    def _aggregate_train(
+        self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted: list[tuple[int, np.ndarray, dict[str, np.ndarray], int, MetricRecord]] = []
         seen: set[int] = set()

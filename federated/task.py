@@ -73,6 +73,7 @@ class FedSettings:
     seed: int = 0
     min_nodes: int = 2
     max_examples: int = 100_000
+    round_timeout: float = 3600.0  # seconds the server waits for replies before going on without them
     num_threads: int = 0
     out: str = "runs/fed-deploy"
 
@@ -189,9 +190,18 @@ def site_partition(
 
 
 def make_loader(
-    records: Sequence[Mapping[str, Any]], s: FedSettings, *, train: bool, shuffle: bool | None = None
+    records: Sequence[Mapping[str, Any]],
+    s: FedSettings,
+    *,
+    train: bool,
+    shuffle: bool | None = None,
+    seed: int | None = None,
 ):
-    """MONAI ``DataLoader`` over the records with the project's transforms (no worker processes)."""
+    """MONAI ``DataLoader`` over the records with the project's transforms (no worker processes).
+
+    The order and the random augmentation follow ``seed`` (default ``s.seed``): a site that trains
+    the same round twice (a retry, a restarted node) produces the same update.
+    """
     from monai.data import DataLoader, Dataset
 
     from shpeft_monai.data import image_transforms
@@ -201,8 +211,11 @@ def make_loader(
         stats = preprocessing(s.model)
     except Exception:
         stats = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-    ds = Dataset([dict(r) for r in records], image_transforms(s.img_size, train, stats["mean"], stats["std"]))
-    gen = torch.Generator().manual_seed(s.seed)
+    seed = s.seed if seed is None else int(seed)
+    tf = image_transforms(s.img_size, train, stats["mean"], stats["std"])
+    tf.set_random_state(seed=seed % 2**32)
+    ds = Dataset([dict(r) for r in records], tf)
+    gen = torch.Generator().manual_seed(seed)
     return DataLoader(
         ds,
         batch_size=s.batch_size,

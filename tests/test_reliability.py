@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -492,6 +493,38 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
     assert a.mask.fingerprint == b.mask.fingerprint  # same mask (reloaded from mask.safetensors)
     # fixed data order + no randomness in the step + optimizer state restored: bitwise on CPU
     assert _same_delta(a, b)
+
+
+def test_sigkill_at_random_points_then_resume_matches_uninterrupted_run(tmp_path):
+    """Three SIGKILLs at random moments of training (a checkpoint save included, wherever they fall),
+    a resume after each: the final delta is bitwise the uninterrupted run's."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref = _train(script, ref_dir)
+    delays = []
+    for _ in range(3):
+        victim = _train(script, run_dir, pause=0.1, start_new_session=True)
+        line = victim.stdout.readline()  # first "epoch" line: selection done, training under way
+        if not line.startswith("epoch"):  # already finished (or failed): nothing left to kill
+            victim.communicate(timeout=120)
+            break
+        delays.append(round(rng.uniform(0.0, 2.4), 3))  # 6 epochs x 4 steps x 0.1 s
+        time.sleep(delays[-1])
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(victim.pid, signal.SIGKILL)
+        victim.communicate(timeout=30)
+    resumed = _train(script, run_dir)
+    out, _ = resumed.communicate(timeout=120)
+    why = f"random seed {seed}, kill delays {delays} s after training started"
+    assert resumed.returncode == 0, (why, out)
+    out, _ = ref.communicate(timeout=120)
+    assert ref.returncode == 0, out
+    a, b = load_delta(ref_dir / "final_delta.safetensors"), load_delta(run_dir / "final_delta.safetensors")
+    assert a.mask.fingerprint == b.mask.fingerprint, why
+    assert _same_delta(a, b), why
 
 
 # ------------------------------------------------------------------ 4. bad input at scale
