@@ -50,6 +50,7 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PYTHONUNBUFFERED="1",  # logs reach their files as they are written
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     )
     return env
@@ -279,12 +280,17 @@ class Deployment:
     def start_supernode(
         self, i: int, node_config: dict[str, Any], *, name: str | None = None
     ) -> subprocess.Popen:
+        """Start the SuperNode of key pair ``i``; call it again with a new ``name`` to restart a
+        killed one: same private key, so the SuperLink gives it back the same node id."""
+        name = name or f"supernode{i}"
+        if name in self.procs:
+            raise ValueError(f"{name!r} was started already: restart it under a new name")
         items = " ".join(
             f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
             for k, v in node_config.items()
         )
         return self._start(
-            name or f"supernode{i}",
+            name,
             [
                 "flower-supernode",
                 "--superlink", self.address,
@@ -314,6 +320,10 @@ class Deployment:
         if not payload.get("success", True) or "run-id" not in payload:
             raise RuntimeError(f"flwr run failed: {payload}\n{res.stderr}")
         return int(payload["run-id"])
+
+    def follow(self, run_id: int, name: str = "serverapp") -> subprocess.Popen:
+        """Stream the run's ServerApp log (``flwr log --stream``) into ``logs/<name>.log``."""
+        return self._start(name, ["flwr", "log", str(run_id), CONNECTION, "--stream"])
 
     def status(self, run_id: int) -> str:
         res = self.cli("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
@@ -351,6 +361,15 @@ class Deployment:
             time.sleep(0.2)
         for f in self._logs:
             f.close()
+
+    def kill(self, name: str, timeout: float = 15) -> None:
+        """SIGKILL the whole process group of ``name`` (a crash or a power cut: no cleanup, no
+        goodbye to the SuperLink) and wait until the group is gone; ``stop()`` still covers it."""
+        proc = self.procs[name]
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)  # reap the leader: a zombie would still count as a group member
+        self.wait_for(lambda: name not in self.alive_groups(), timeout, f"the end of {name}")
 
     def alive_groups(self) -> list[str]:
         """Names of the started processes whose process group still has a member."""

@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--img-size", type=int, default=112)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the k selected values")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the k selected values")
     p.add_argument("--head-lr", type=float, default=0.0, help="learning rate of the dense head (0 = --lr)")
     p.add_argument("--budget", type=float, default=1e-4)
     p.add_argument("--rho", type=float, default=0.5)

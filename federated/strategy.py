@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -76,6 +77,8 @@ class SparseDeltaFedAvg(FedAvg):
         self.mask: Any = None
         self._mask_record: RecordDict | None = None
         self._acked: set[int] = set()
+        self._sent: list[Message] = []  # the messages of the phase in flight
+        self._sent_for: tuple[str, int] | None = None  # (phase, round) of those messages
         self.comm: list[dict[str, Any]] = []
         self.rejected: list[dict[str, Any]] = []
         self.aggregation: list[dict[str, Any]] = []
@@ -90,11 +93,23 @@ class SparseDeltaFedAvg(FedAvg):
         logger.warning("round %s %s: dropped reply of node %s: %s", server_round, phase, node, reason)
         self.rejected.append({"phase": phase, "round": server_round, "node": int(node), "reason": reason})
 
+    def _origin(self, msg: Message) -> int:
+        """The node a reply is about: its sender or, for an error reply the SuperLink wrote itself
+        (e.g. "Node Unavailable": the node stopped sending heartbeats), the node the answered
+        message went to."""
+        node = msg.metadata.src_node_id
+        if node == SUPERLINK_NODE_ID:
+            for sent in self._sent:  # message ids are given when the grid pushes the messages
+                if sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                    return sent.metadata.dst_node_id
+        return node
+
     def _receive(self, phase: str, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Replies that carry content; errors are logged and recorded as rejections."""
         good = []
+        replies = list(replies)
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._origin(msg)
             if msg.has_error():
                 reason = f"error reply: {msg.error.reason}"
                 if "unknown mask" in str(msg.error.reason):
@@ -103,6 +118,13 @@ class SparseDeltaFedAvg(FedAvg):
                 continue
             self._account(phase, server_round, node, received=codec.record_nbytes(msg.content))
             good.append(msg)
+        if self._sent_for == (phase, server_round):  # sites that never answered (round timeout)
+            answered = {self._origin(m) for m in replies}
+            for msg in self._sent:
+                if msg.metadata.dst_node_id not in answered:
+                    self._reject(
+                        phase, server_round, msg.metadata.dst_node_id, "no reply before the round timeout"
+                    )
         return good
 
     def _send(
@@ -123,6 +145,7 @@ class SparseDeltaFedAvg(FedAvg):
                 )
             self._account(phase, server_round, msg.metadata.dst_node_id, sent=codec.record_nbytes(content))
             out.append(msg)
+        self._sent, self._sent_for = out, (phase, server_round)
         return out
 
     # ------------------------------------------------------------------ mask agreement (round 0)
@@ -199,7 +222,7 @@ class SparseDeltaFedAvg(FedAvg):
         bmsgs = [Message(content=self._mask_record, message_type=MASK_TYPE, dst_node_id=n) for n in all_nodes]
         self._acked = set()
         for msg in grid.send_and_receive(self._send("mask", 0, bmsgs, attach_mask=False), timeout=timeout):
-            node = msg.metadata.src_node_id
+            node = self._origin(msg)
             if msg.has_error():
                 self._reject("mask", 0, node, f"error reply: {msg.error.reason}")
                 continue
@@ -278,6 +301,7 @@ class SparseDeltaFedAvg(FedAvg):
                 self._reject("train", server_round, node, str(exc))
                 continue
             seen.add(node)
+            self._acked.add(node)  # it holds the agreed mask (again, after a restart)
             accepted.append((node, values, head, n, msg.content[codec.METRICS]))
         n_rejected = sum(1 for r in self.rejected if r["round"] == server_round and r["phase"] == "train")
         if len(accepted) < max(self.min_valid_replies, 1):

@@ -60,7 +60,7 @@ class FedSettings:
     calibration_batches: int = 4
     candidate_factor: int = 4
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 1e-4  # the bundle default, chosen on validation (README, Benchmarks)
     head_lr: float = 0.0
     weight_decay: float = 0.0
     local_epochs: int = 1

@@ -265,6 +265,24 @@ def test_no_valid_reply_keeps_previous_global_values():
     assert arrays is None and metrics["sites-accepted"] == 0
 
 
+def test_error_reply_written_by_the_superlink_names_the_silent_node():
+    """A node that stops sending heartbeats (killed, power cut) is answered for by the SuperLink
+    itself, with its own node id (1) as sender: the rejection must name the node that went silent."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    s = strategy_with(tiny_mask())
+    sent = s._send("train", 2, [request(7), request(8)])
+    for i, msg in enumerate(sent):  # as the grid does when it pushes the messages
+        msg.metadata.__dict__["_message_id"] = f"m{i}"
+    err = create_message_error_unavailable_res_message(sent[0].metadata, "node_unavail")
+    assert err.metadata.src_node_id == 1
+    _, metrics = s.aggregate_train(2, [err])
+    # node 8 never answered at all (the round timed out): recorded too, by its id
+    assert metrics["sites-rejected"] == 2 and [r["node"] for r in s.rejected] == [7, 8]
+    assert "Node Unavailable" in s.rejected[0]["reason"]
+    assert "no reply before the round timeout" in s.rejected[1]["reason"]
+
+
 @pytest.mark.parametrize(
     "kind",
     [
