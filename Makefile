@@ -10,7 +10,7 @@ export FLWR_DISABLE_UPDATE_CHECK = 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION = 1
 PYTEST := $(PY) -m pytest
 
-.PHONY: install weights demo test test-slow test-gpu test-reliability lint format bench bench-step fed-sim fed-deploy clean
+.PHONY: install weights demo test test-slow test-gpu test-reliability lint format bench bench-step bench-fed fed-sim fed-deploy clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ bench-step: weights
 
 bench: weights
 	$(PY) -m benchmarks.suite
+
+# federated server load: aggregation time/memory vs sites, k and model size + a 20-site simulation
+bench-fed: weights
+	$(PY) -m benchmarks.fed_load
 
 fed-sim: weights
 	$(PY) -m federated.simulate --out runs/fed-sim

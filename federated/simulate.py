@@ -170,7 +170,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     a.axhline(
         report["federated_test"]["accuracy"], linestyle="-.", color="C1", label="federated final (test)"
     )
-    a.set_xlabel("round")
+    a.set_xticks(rounds)
+    a.set_xlabel("round (0 = before training)")
     a.set_ylabel("accuracy")
     a.set_title("accuracy per round")
     a.legend(fontsize=8)
@@ -187,6 +188,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         )
     b.axhline(comm["dense_fedavg_bytes_per_site_per_round"], color="red", label="dense FedAvg")
     b.set_yscale("log")
+    b.set_xticks(sorted({r["round"] for r in rows}))
     b.set_xlabel("round")
     b.set_ylabel("bytes per site per round (sent + received)")
     b.set_title(f"communication: sparse / dense = {comm['ratio_sparse_to_dense']:.2e}")
