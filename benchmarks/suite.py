@@ -218,13 +218,16 @@ def _method_spec(name: str) -> tuple[str, str, dict[str, Any]]:
     return network, method, dict(shpeft)
 
 
-def _ablation_specs(name: str, cfg: SuiteConfig) -> list[tuple[str, dict[str, Any], bool]]:
-    """(label, SH-PEFT overrides on top of the union default, head warm-up) per ablation point."""
-    u = {"hybrid": "union"}
+def _ablation_specs(
+    name: str, cfg: SuiteConfig, hybrid: str = "union"
+) -> list[tuple[str, dict[str, Any], bool]]:
+    """(label, SH-PEFT overrides, head warm-up) per ablation point, around the ``hybrid`` rule."""
+    u = {"hybrid": hybrid}
     if name == "budget":
         return [(f"budget={b:g}", {**u, "budget": b}, True) for b in (1e-5, 1e-4, 1e-3, 1e-2)]
-    if name == "rho":
-        return [(f"rho={r:g}", {**u, "rho": r}, True) for r in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    if name == "rho":  # the hybrid ratio: rho (union) or lam (weighted), the task-specific share
+        knob = "lam" if hybrid == "weighted" else "rho"
+        return [(f"{knob}={r:g}", {**u, knob: r}, True) for r in (0.0, 0.25, 0.5, 0.75, 1.0)]
     if name == "estimator":
         return [(f"estimator={e}", {**u, "task_estimator": e}, True) for e in ("l1", "l2")]
     if name == "calibration_batches":
@@ -263,17 +266,22 @@ def chosen_lr(results: dict[str, dict[str, Any]], specs: list[RunSpec]) -> float
     return best.lr
 
 
+HYBRIDS = ("shpeft_union", "shpeft_weighted")  # the SH-PEFT hybrid rules the ablations may centre on
+
+
 def plan_runs(cfg: SuiteConfig, results: dict[str, dict[str, Any]] | None = None) -> list[RunSpec]:
     """Every run the suite needs given the finished ``results`` (by key).
 
     Each method first runs seed ``cfg.seeds[0]`` at every learning rate of its grid; once those are
-    done, the other seeds run at the learning rate that won on validation. Ablations run at the
-    learning rate chosen for ``shpeft_union`` (or the first grid point when it is not in the suite).
+    done, the other seeds run at the learning rate that won on validation. The ablations centre on
+    the SH-PEFT hybrid rule (union or weighted, among ``cfg.methods``) with the better mean
+    validation score over its seeds, at that method's learning rate; they wait until it is known.
+    Without either in the suite they centre on union at the first grid point.
     """
     results = results or {}
     runs: list[RunSpec] = []
     s0, rest = cfg.seeds[0], cfg.seeds[1:]
-    union_lr = None if "shpeft_union" in cfg.methods else cfg.lr_grid[0]
+    hybrids: dict[str, tuple[float, list[RunSpec]]] = {}
     for name in cfg.methods:
         network, method, overrides = _method_spec(name)
         shpeft = shpeft_settings(cfg, overrides) if method == "shpeft" else {}
@@ -284,18 +292,40 @@ def plan_runs(cfg: SuiteConfig, results: dict[str, dict[str, Any]] | None = None
         lr = chosen_lr(results, grid)
         if lr is None:
             continue
-        if name == "shpeft_union":
-            union_lr = lr
-        runs += [RunSpec(name, "methods", network, method, shpeft, True, s, lr) for s in (s0, *rest)]
-    if "shpeft_union" in cfg.methods and union_lr is None:
+        seeds = [RunSpec(name, "methods", network, method, shpeft, True, s, lr) for s in (s0, *rest)]
+        runs += seeds
+        if name in HYBRIDS:
+            hybrids[name] = (lr, seeds)
+    centre = ablation_centre(cfg, hybrids, results)
+    if centre is None:
         return runs
+    hybrid, lr = centre
     for abl in cfg.ablations:
-        for label, overrides, warm in _ablation_specs(abl, cfg):
+        for label, overrides, warm in _ablation_specs(abl, cfg, hybrid):
             shpeft = shpeft_settings(cfg, overrides)
-            runs += [
-                RunSpec(label, abl, VIT, "shpeft", shpeft, warm, s, union_lr) for s in cfg.ablation_seeds
-            ]
+            runs += [RunSpec(label, abl, VIT, "shpeft", shpeft, warm, s, lr) for s in cfg.ablation_seeds]
     return runs
+
+
+def ablation_centre(
+    cfg: SuiteConfig, hybrids: dict[str, tuple[float, list[RunSpec]]], results: dict[str, dict[str, Any]]
+) -> tuple[str, float] | None:
+    """(hybrid rule, lr) of the better SH-PEFT hybrid method on validation; None while pending."""
+    wanted = [h for h in HYBRIDS if h in cfg.methods]
+    if not wanted:
+        return "union", cfg.lr_grid[0]
+    if any(h not in hybrids or any(s.key not in results for s in hybrids[h][1]) for h in wanted):
+        return None
+
+    def score(h: str) -> tuple[float, float]:
+        vals = [results[s.key]["val"] for s in hybrids[h][1]]
+        return (
+            float(np.mean([_val_key(v)[0] for v in vals])),
+            float(np.mean([_val_key(v)[1] for v in vals])),
+        )
+
+    best = max(wanted, key=score)
+    return _method_spec(best)[2]["hybrid"], hybrids[best][0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -739,7 +769,7 @@ def plot(report: dict[str, Any], stem: Path) -> list[Path]:
         plt.close(fig)
     for group, xlabel, logx in (
         ("budget", "budget (fraction of eligible weights)", True),
-        ("rho", "rho (task-specific share of the union)", False),
+        ("rho", "hybrid ratio: task-specific share (rho for union, lam for weighted)", False),
     ):
         pts = [r for r in summary if r["group"] == group]
         if not pts:
@@ -764,7 +794,7 @@ def plot(report: dict[str, Any], stem: Path) -> list[Path]:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("%")
-        ax.set_title(f"SH-PEFT union: {group} sweep\n{title}", fontsize=9)
+        ax.set_title(f"SH-PEFT: {group} sweep\n{title}", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(stem.with_name(stem.name + f"_{group}.png"))

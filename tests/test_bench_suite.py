@@ -117,6 +117,9 @@ def test_learning_rate_is_chosen_on_validation_then_reused_for_every_seed():
     # seed 0 at the chosen lr IS the grid run (same key): no run twice
     grid_keys = {s.key for s in plan if s.group == "lr_search"}
     assert {s.key for s in plan if s.group == "methods" and s.seed == 0} <= grid_keys
+    assert not [s for s in plan if s.group == "budget"]  # ablations wait for the union's seeds
+    results |= {s.key: _fake(s, 0.8) for s in plan if s.key not in results}
+    plan = suite.plan_runs(cfg, results)
     ablation = [s for s in plan if s.group == "budget"]
     assert {s.lr for s in ablation} == {1e-4}
     # the ablation point equal to the default budget is the union's run, not a new one
@@ -132,3 +135,22 @@ def test_lr_ties_go_to_the_smaller_learning_rate():
     grid = suite.plan_runs(cfg, {})
     results = {s.key: _fake(s, 0.75) for s in grid}
     assert suite.chosen_lr(results, grid) == 1e-4
+
+
+def test_ablations_centre_on_the_hybrid_rule_that_won_on_validation():
+    cfg = replace(
+        suite.CONFIGS["cpu"],
+        methods=("shpeft_union", "shpeft_weighted"),
+        ablations=("rho",),
+        seeds=(0, 1),
+        lr_grid=(1e-4, 1e-3),
+    )
+    score = {("shpeft_union", 1e-4): 0.7, ("shpeft_union", 1e-3): 0.6}
+    score |= {("shpeft_weighted", 1e-4): 0.5, ("shpeft_weighted", 1e-3): 0.8}
+    results: dict = {}
+    for _ in range(3):  # grids, then seeds: fill in whatever is planned
+        for s in suite.plan_runs(cfg, results):
+            results.setdefault(s.key, _fake(s, score[(s.label, s.lr)] if s.group != "rho" else 0.5))
+    ablation = [s for s in suite.plan_runs(cfg, results) if s.group == "rho"]
+    assert [s.label for s in ablation] == [f"lam={x:g}" for x in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert {s.shpeft["hybrid"] for s in ablation} == {"weighted"} and {s.lr for s in ablation} == {1e-3}
