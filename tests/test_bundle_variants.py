@@ -23,14 +23,14 @@ OVERLAYS = BUNDLE / "overlays"
 ALL_OVERLAYS = sorted(p.name for p in OVERLAYS.glob("*.yaml"))
 # overlay -> (method, shpeft#hybrid) it must select
 METHOD_OVERLAYS = {
-    "full_finetune.yaml": ("full", "union"),
-    "linear_probe.yaml": ("linear_probe", "union"),
-    "bitfit.yaml": ("bitfit", "union"),
-    "lora.yaml": ("lora", "union"),
+    "full_finetune.yaml": ("full", "weighted"),
+    "linear_probe.yaml": ("linear_probe", "weighted"),
+    "bitfit.yaml": ("bitfit", "weighted"),
+    "lora.yaml": ("lora", "weighted"),
     "task_specific.yaml": ("shpeft", "task_specific"),
     "task_agnostic.yaml": ("shpeft", "task_agnostic"),
     "random_mask.yaml": ("shpeft", "random"),
-    "efficientnet_lite0.yaml": ("shpeft", "union"),
+    "efficientnet_lite0.yaml": ("shpeft", "weighted"),
 }
 TINY = {
     "img_size": 28,
