@@ -205,6 +205,8 @@ def _method_spec(name: str) -> tuple[str, str, dict[str, Any]]:
         "shpeft_union_l2": ("shpeft", {"hybrid": "union", "task_estimator": "l2"}),
         "task_specific": ("shpeft", {"hybrid": "task_specific"}),
         "task_specific_per_row": ("shpeft", {"hybrid": "task_specific", "threshold": "per_row"}),
+        "shpeft_weighted_per_row": ("shpeft", {"hybrid": "weighted", "threshold": "per_row"}),
+        "shpeft_union_per_row": ("shpeft", {"hybrid": "union", "threshold": "per_row"}),
         "task_agnostic": ("shpeft", {"hybrid": "task_agnostic"}),
         "random": ("shpeft", {"hybrid": "random"}),
         "full": ("full", {}),
