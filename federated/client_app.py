@@ -134,7 +134,8 @@ def make_client_app(overrides: dict[str, Any] | None = None, faults: Any = None)
         epochs = int(cfg_rec.get("local-epochs", s.local_epochs))
         lr = float(cfg_rec.get("lr", s.lr))
         head_lr = float(cfg_rec.get("head-lr", s.head_lr))
-        seed = s.seed + 1009 * int(cfg_rec.get("server-round", 0))  # reproducible per round
+        server_round = int(cfg_rec.get("server-round", 0))
+        seed = s.seed + 1009 * server_round  # reproducible per round
         torch.manual_seed(seed)
         loader = make_loader(site_records(context, s, "train"), s, train=True, seed=seed)
         n, loss = train_local(model, loader, s, epochs, lr, head_lr)
@@ -146,7 +147,7 @@ def make_client_app(overrides: dict[str, Any] | None = None, faults: Any = None)
             fp,
             num_examples=n,
             metrics={"train-loss": loss},
-            config={"server-round": int(cfg_rec.get("server-round", 0))},
+            config={"server-round": server_round},
         )
         return Message(content=content, reply_to=msg)
 

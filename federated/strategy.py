@@ -106,10 +106,10 @@ class SparseDeltaFedAvg(FedAvg):
 
     def _receive(self, phase: str, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Replies that carry content; errors are logged and recorded as rejections."""
-        good = []
-        replies = list(replies)
+        good, answered = [], set()
         for msg in replies:
             node = self._origin(msg)
+            answered.add(node)
             if msg.has_error():
                 reason = f"error reply: {msg.error.reason}"
                 if "unknown mask" in str(msg.error.reason):
@@ -119,7 +119,6 @@ class SparseDeltaFedAvg(FedAvg):
             self._account(phase, server_round, node, received=codec.record_nbytes(msg.content))
             good.append(msg)
         if self._sent_for == (phase, server_round):  # sites that never answered (round timeout)
-            answered = {self._origin(m) for m in replies}
             for msg in self._sent:
                 if msg.metadata.dst_node_id not in answered:
                     self._reject(
