@@ -4,6 +4,10 @@
 ``linear_probe`` (head only), ``bitfit`` (biases and head) and ``lora`` (Hugging Face ``peft``).
 Every method leaves ``requires_grad`` set on exactly what it trains, so the optimizer is always
 built from :func:`trainable_parameters` and the saved artefact is what the method trained.
+
+BatchNorm running statistics are buffers, not parameters. Every method but ``full`` keeps them at
+the pretrained values (BatchNorm stays in eval mode even when the trainer calls ``train()``), so the
+artefact alone rebuilds the trained model; ``full`` updates them and saves them with its weights.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import SHPEFTConfig
 from .io import load_delta, save_delta
@@ -22,7 +27,7 @@ from .model import head_parameters, inject, mask_summary
 from .pipeline import select_mask
 from .sparse import SparseDelta
 
-__all__ = ["METHODS", "prepare_method", "trainable_parameters", "trainable_state"]
+__all__ = ["METHODS", "freeze_norm_statistics", "prepare_method", "trainable_parameters", "trainable_state"]
 
 logger = logging.getLogger(__name__)
 METHODS = ("shpeft", "full", "linear_probe", "bitfit", "lora")
@@ -34,8 +39,33 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Named CPU copies of the trainable parameters (the resumable and federated state)."""
-    return {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Named CPU copies of what training changes: the trainable parameters and the running
+    statistics of BatchNorm layers that are not frozen (the resumable and saved state)."""
+    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and module.track_running_stats and not _stats_frozen(module):
+            prefix = f"{name}." if name else ""
+            state.update({prefix + b: t for b, t in module.named_buffers(recurse=False) if t is not None})
+    return {n: t.detach().to("cpu").clone() for n, t in state.items()}
+
+
+def _keep_eval(module: nn.Module, _args: Any) -> None:
+    module.training = False
+
+
+def _stats_frozen(module: nn.Module) -> bool:
+    return any(h is _keep_eval for h in module._forward_pre_hooks.values())
+
+
+def freeze_norm_statistics(model: nn.Module) -> int:
+    """Keep every BatchNorm layer of ``model`` in eval mode (pretrained running statistics, no
+    batch statistics), whatever ``model.train()`` says. Returns the number of layers frozen."""
+    frozen = 0
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and not _stats_frozen(module):
+            module.register_forward_pre_hook(_keep_eval)
+            frozen += 1
+    return frozen
 
 
 def _freeze_except(model: nn.Module, keep: Iterable[nn.Parameter]) -> None:
@@ -109,6 +139,8 @@ def prepare_method(
         inject(model, mask, cfg)
         summary = mask_summary(mask)
         logger.info("SH-PEFT mask: %d weights; by type %s", mask.k, summary["by_type"])
+    if method != "full" and (frozen := freeze_norm_statistics(model)):
+        logger.info("kept %d BatchNorm layers at their pretrained statistics", frozen)
     n_train = sum(p.numel() for p in trainable_parameters(model))
     logger.info("method=%s trains %d parameters", method, n_train)
     model._shpeft_method = method

@@ -36,9 +36,10 @@ def _save_trainable(path: Path, network: torch.nn.Module, meta: dict[str, Any]) 
 
 
 def load_trainable_state(network: torch.nn.Module, path: str | Path) -> None:
-    """Copy saved trainable parameters into ``network`` by name (shapes must match)."""
+    """Copy saved trainable parameters (and BatchNorm statistics) into ``network`` by name."""
     state = load_file(str(path))
-    params = dict(bare_module(network).named_parameters())
+    module = bare_module(network)
+    params = {**dict(module.named_buffers()), **dict(module.named_parameters())}
     bad = [n for n, t in state.items() if n not in params or params[n].shape != t.shape]
     if bad:
         raise ValueError(
