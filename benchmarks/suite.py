@@ -82,8 +82,9 @@ class SuiteConfig:
     calibration_batches: int = 4
     head_warmup: int = 10
     # learning rate per method chosen on VALIDATION (seed 0) from a grid; other seeds reuse the winner
-    lr_grid: tuple[float, ...] = (1e-4, 1e-3)  # PEFT methods (sparse values, LoRA, biases, head)
-    lr_grid_full: tuple[float, ...] = (1e-5, 1e-4)  # full fine-tuning of the whole backbone
+    # (one decade each side of the usual setting: a winner at the edge of a narrower grid hid better ones)
+    lr_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2)  # PEFT methods (sparse values, LoRA, biases, head)
+    lr_grid_full: tuple[float, ...] = (1e-6, 1e-5, 1e-4)  # full fine-tuning of the whole backbone
     weight_decay: float = 1e-4
     lora_r: int = 8
     threads: int = 2
@@ -844,9 +845,11 @@ def run_suite(
     results: list[dict[str, Any]] = []  # unique runs, in the order they finished
     if resume and json_path is not None and json_path.is_file():
         old = json.loads(json_path.read_text())
-        if old.get("config", {}) == _cfg_dict(cfg):
+        if _run_settings(old.get("config", {})) == _run_settings(_cfg_dict(cfg)):
             results = old.get("runs", [])
             logger.info("resuming: %d finished runs in %s", len(results), json_path)
+        else:
+            logger.info("%s was made with other data or training settings: starting over", json_path)
     report: dict[str, Any] = {
         "config": _cfg_dict(cfg),
         "command": command,
@@ -920,6 +923,15 @@ def _cfg_dict(cfg: SuiteConfig) -> dict[str, Any]:
     for k in ("seeds", "ablation_seeds", "methods", "ablations", "lr_grid", "lr_grid_full"):
         d[k] = list(d[k])
     return d
+
+
+# what only plans runs: changing these keeps the finished runs (each is keyed by its own settings)
+PLANNING_FIELDS = ("methods", "ablations", "seeds", "ablation_seeds", "lr_grid", "lr_grid_full", "note")
+
+
+def _run_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The configuration fields that change what a finished run measured."""
+    return {k: v for k, v in cfg.items() if k not in PLANNING_FIELDS}
 
 
 def _finish(

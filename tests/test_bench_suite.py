@@ -154,3 +154,12 @@ def test_ablations_centre_on_the_hybrid_rule_that_won_on_validation():
     ablation = [s for s in suite.plan_runs(cfg, results) if s.group == "rho"]
     assert [s.label for s in ablation] == [f"lam={x:g}" for x in (0.0, 0.25, 0.5, 0.75, 1.0)]
     assert {s.shpeft["hybrid"] for s in ablation} == {"weighted"} and {s.lr for s in ablation} == {1e-3}
+
+
+def test_resume_keeps_runs_when_only_the_plan_changes() -> None:
+    base = suite._cfg_dict(suite.CONFIGS["cpu"])
+    wider = suite._cfg_dict(replace(suite.CONFIGS["cpu"], lr_grid=(1e-4, 1e-3, 1e-2), seeds=(0, 1)))
+    assert suite._run_settings(wider) == suite._run_settings(base)
+    for change in ({"epochs": 5}, {"img_size": 112}, {"train_subset": 0}):
+        other = suite._cfg_dict(replace(suite.CONFIGS["cpu"], **change))
+        assert suite._run_settings(other) != suite._run_settings(base), change
