@@ -48,7 +48,7 @@ __version__ = "0.1.0"
 
 # Submodules with heavier imports (timm, MONAI engines) load on first access, so that configs can
 # say `$from shpeft_monai import bundle` without the package importing them up front.
-_LAZY = {"bundle", "data", "handlers", "methods", "networks", "report"}
+_LAZY = {"bundle", "data", "handlers", "methods", "networks", "report", "weights"}
 
 
 def __getattr__(name: str):

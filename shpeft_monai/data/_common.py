@@ -1,0 +1,30 @@
+"""Names every part of the data layer shares: the error type, the datalist type and the constants."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+BR35H_CLASSES: tuple[str, str] = ("no", "yes")
+SPLIT_NAMES: tuple[str, str, str] = ("train", "validation", "test")
+IMAGE_SUFFIXES: tuple[str, ...] = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".nii",
+    ".nii.gz",
+    ".dcm",
+)
+
+Datalist = list[dict[str, Any]]
+
+
+class DataError(ValueError):
+    """A datalist or a sample is unusable. ``problems`` holds one dict per bad sample (may be empty)."""
+
+    def __init__(self, message: str, problems: Sequence[dict[str, Any]] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
