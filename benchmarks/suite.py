@@ -449,7 +449,7 @@ def run_one(spec: RunSpec, cfg: SuiteConfig, data: dict[str, Split]) -> dict[str
     """Train one method, choose the epoch on validation, evaluate the test split once."""
     from shpeft_monai.calibration import warm_up_head
     from shpeft_monai.config import SHPEFTConfig
-    from shpeft_monai.methods import prepare_method, trainable_parameters
+    from shpeft_monai.methods import prepare_method, trainable_parameters, trainable_state
     from shpeft_monai.model import get_mask, head_parameters, trainable_report
     from shpeft_monai.networks import create_network
 
@@ -540,13 +540,11 @@ def run_one(spec: RunSpec, cfg: SuiteConfig, data: dict[str, Split]) -> dict[str
             best = {
                 "epoch": epoch,
                 "val": val,
-                "state": {
-                    n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if p.requires_grad
-                },
+                "state": trainable_state(model),  # what training changed (BatchNorm statistics too)
             }
     assert best is not None
     with torch.no_grad():
-        named = dict(model.named_parameters())
+        named = {**dict(model.named_buffers()), **dict(model.named_parameters())}
         for n, v in best["state"].items():
             named[n].copy_(v.to(named[n].device))
     test = _metrics(data["test"], _predict(model, data["test"], cfg, device))  # once, at the chosen epoch
