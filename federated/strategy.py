@@ -7,10 +7,11 @@ round loop and logging, and overrides only what sparse payloads need:
   the combination rule of :mod:`federated.agreement`, then a broadcast of the agreed mask;
 * :meth:`configure_train` / :meth:`configure_evaluate`: the mask fingerprint goes into every
   message's config, the mask itself only to sites that have not acknowledged it yet;
-* :meth:`aggregate_train`: every reply is validated (:func:`federated.codec.decode_update`:
-  fingerprint, length, dtype, finite values, head shapes, plausible example count); bad replies are
-  dropped and logged with their node id; the rest are averaged, weighted by example count, on the
-  sparse coordinates only (FedAvg's own aggregation would also average integer index arrays);
+* :meth:`aggregate_train`: every reply must echo the round it answers (``server-round``) and is
+  validated (:func:`federated.codec.decode_update`: fingerprint, length, dtype, finite values, head
+  shapes, plausible example count); bad replies are dropped and logged with their node id; the rest
+  are averaged, weighted by example count, on the sparse coordinates only (FedAvg's own aggregation
+  would also average integer index arrays);
 * :meth:`aggregate_evaluate`: malformed metric replies are dropped instead of failing the round.
 
 Every message's serialised size is recorded in :attr:`comm` (bytes per site per round and phase);
@@ -43,6 +44,18 @@ logger = logging.getLogger(__name__)
 
 CANDIDATES_TYPE = "query.candidates"
 MASK_TYPE = "query.mask"
+
+
+def _round_problem(echo: object, server_round: int) -> str:
+    """Why a reply's ``server-round`` echo does not answer this round ('' when it does)."""
+    if echo is None:
+        return (
+            "reply does not echo `server-round` (the round it answers): "
+            "a client from another version of this app? Update the site's ClientApp."
+        )
+    if type(echo) is not int:  # bool, float, str...: not what our ClientApp sends
+        return f"reply echoes a non-integer `server-round` ({type(echo).__name__} {echo!r:.40})"
+    return f"reply is for round {echo} (replayed?)" if echo != server_round else ""
 
 
 class SparseDeltaFedAvg(FedAvg):
@@ -282,11 +295,9 @@ class SparseDeltaFedAvg(FedAvg):
             if node in seen:
                 self._reject("train", server_round, node, "duplicate reply")
                 continue
-            replied_round = (
-                msg.content[codec.CONFIG].get("server-round") if codec.CONFIG in msg.content else None
-            )
-            if replied_round is not None and int(replied_round) != server_round:
-                self._reject("train", server_round, node, f"reply is for round {replied_round} (replayed?)")
+            echo = msg.content[codec.CONFIG].get("server-round") if codec.CONFIG in msg.content else None
+            if reason := _round_problem(echo, server_round):
+                self._reject("train", server_round, node, reason)
                 continue
             try:
                 values, head, n = codec.decode_update(

@@ -88,7 +88,11 @@ def request(node: int, content: RecordDict | None = None, kind: str = "train") -
     return Message(content=content or RecordDict(), message_type=kind, dst_node_id=node)
 
 
-def reply(node: int, content: RecordDict) -> Message:
+def reply(node: int, content: RecordDict, server_round: int | None = None) -> Message:
+    """A reply of ``node``; with ``server_round``, its config echoes the round it answers (as our
+    ClientApp does: the strategy refuses a train reply without it)."""
+    if server_round is not None:
+        content[codec.CONFIG]["server-round"] = server_round
     return Message(content=content, reply_to=request(node))
 
 
@@ -158,6 +162,7 @@ def test_aggregation_is_weighted_mean_on_sparse_coordinates():
             codec.encode_update(
                 vals[i], heads[i], mask.fingerprint, num_examples=ns[i], metrics={"train-loss": float(i)}
             ),
+            server_round=1,
         )
         for i in range(3)
     ]
@@ -172,7 +177,7 @@ def test_aggregation_is_weighted_mean_on_sparse_coordinates():
     assert set(arrays.keys()) == {"values", "head.2.weight", "head.2.bias"}
 
 
-def _corrupt(kind: str, mask: SparseMask) -> Message:
+def _corrupt(kind: str, mask: SparseMask, server_round: int = 3) -> Message:
     vals = np.ones(mask.k, np.float32)
     fp = mask.fingerprint
     if kind == "error":
@@ -211,9 +216,15 @@ def _corrupt(kind: str, mask: SparseMask) -> Message:
     elif kind == "extra_arrays":
         rd = codec.encode_update(vals, head_arrays(1), fp, num_examples=5)
         rd[codec.ARRAYS]["dense.weight"] = codec._array(np.ones(48, np.float32))
+    elif kind == "missing_round":  # well-formed, but does not say which round it answers
+        return reply(9, codec.encode_update(vals, head_arrays(1), fp, num_examples=5))
+    elif kind == "bad_round":
+        rd = codec.encode_update(vals, head_arrays(1), fp, num_examples=5)
+        rd[codec.CONFIG]["server-round"] = "3"
+        return reply(9, rd)
     else:
         raise AssertionError(kind)
-    return reply(9, rd)
+    return reply(9, rd, server_round=server_round if codec.CONFIG in rd else None)
 
 
 KINDS = [
@@ -230,6 +241,8 @@ KINDS = [
     "missing_config",
     "int_values",
     "extra_arrays",
+    "missing_round",
+    "bad_round",
 ]
 
 
@@ -243,12 +256,14 @@ def test_malformed_reply_is_dropped_and_round_completes(kind):
             codec.encode_update(
                 np.full(mask.k, 1.0, np.float32), head_arrays(1), mask.fingerprint, num_examples=10
             ),
+            server_round=3,
         ),
         reply(
             2,
             codec.encode_update(
                 np.full(mask.k, 4.0, np.float32), head_arrays(4), mask.fingerprint, num_examples=30
             ),
+            server_round=3,
         ),
     ]
     arrays, metrics = s.aggregate_train(3, [good[0], _corrupt(kind, mask), good[1]])
@@ -256,12 +271,19 @@ def test_malformed_reply_is_dropped_and_round_completes(kind):
     np.testing.assert_allclose(values, np.full(mask.k, (10 + 120) / 40))
     assert metrics["sites-accepted"] == 2 and metrics["sites-rejected"] == 1
     assert [r["node"] for r in s.rejected] == [9] and s.rejected[0]["round"] == 3
+    reason = s.rejected[0]["reason"]
+    if kind in ("missing_round", "missing_config"):
+        assert "does not echo `server-round`" in reason and "Update the site's ClientApp" in reason
+    elif kind == "bad_round":
+        assert "non-integer `server-round`" in reason
+    else:  # dropped for what is wrong with it, not for its (correct) round echo
+        assert "server-round" not in reason and "replayed" not in reason
 
 
 def test_no_valid_reply_keeps_previous_global_values():
     mask = tiny_mask()
     s = strategy_with(mask)
-    arrays, metrics = s.aggregate_train(1, [_corrupt("nan", mask)])
+    arrays, metrics = s.aggregate_train(1, [_corrupt("nan", mask, server_round=1)])
     assert arrays is None and metrics["sites-accepted"] == 0
 
 
@@ -422,6 +444,7 @@ def fake_site(mask_box: dict, values_offset: float, n_examples: int, *, misbehav
                 fp_msg,
                 num_examples=n_examples,
                 metrics={"train-loss": 1.0},
+                config={"server-round": msg.content[codec.CONFIG]["server-round"]},  # echo, as our ClientApp
             )
             return Message(content=rd, reply_to=msg)
         raise AssertionError(kind)

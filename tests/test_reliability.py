@@ -276,14 +276,14 @@ def _fed():
     return tiny_mask(), HEAD
 
 
-def _honest(node: int, value: float, n: int, fp: str | None = None):
+def _honest(node: int, value: float, n: int, fp: str | None = None, server_round: int = 3):
     from federated import codec
     from tests.test_federated import head_arrays, reply
 
     mask, _ = _fed()
     vals = np.linspace(-1, 1, mask.k, dtype=np.float32) * value
     rd = codec.encode_update(vals, head_arrays(value), fp or mask.fingerprint, num_examples=n)
-    return reply(node, rd)
+    return reply(node, rd, server_round)
 
 
 def _aggregate(replies, server_round: int = 3):
@@ -339,7 +339,7 @@ def test_fuzz_federated_update_decoder_and_aggregation(data, dtype, shape, fp, n
         from tests.test_federated import reply
 
         honest = [_honest(1, 1.0, 10), _honest(2, 3.0, 30)]
-        _, got, metrics = _aggregate([honest[0], reply(9, rd), honest[1]])
+        _, got, metrics = _aggregate([honest[0], reply(9, rd, server_round=3), honest[1]])
         if out is None:  # rejected: the result is the honest-only aggregate, bit for bit
             _, want, _ = _aggregate(honest)
             assert metrics["sites-accepted"] == 2 and metrics["sites-rejected"] == 1
@@ -349,7 +349,7 @@ def test_fuzz_federated_update_decoder_and_aggregation(data, dtype, shape, fp, n
             assert metrics["sites-accepted"] == 3 and np.isfinite(got[0]).all()
 
 
-def _hostile(kind: str):
+def _hostile(kind: str, server_round: int = 3):
     from federated import codec
     from tests.test_federated import head_arrays, reply
 
@@ -357,17 +357,17 @@ def _hostile(kind: str):
     fp, vals = mask.fingerprint, np.ones(mask.k, np.float32)
     if kind == "nan":
         vals[0] = np.nan
-        return reply(9, codec.encode_update(vals, head_arrays(1), fp, num_examples=5))
+        return reply(9, codec.encode_update(vals, head_arrays(1), fp, num_examples=5), server_round)
     if kind == "oversized":  # a dense-sized payload instead of k values
-        return reply(
-            9, codec.encode_update(np.ones(mask.k * 5000, np.float32), head_arrays(1), fp, num_examples=5)
-        )
+        dense = np.ones(mask.k * 5000, np.float32)
+        return reply(9, codec.encode_update(dense, head_arrays(1), fp, num_examples=5), server_round)
     if kind == "mis-indexed":  # values for another mask (another fingerprint)
-        return _honest(9, 100.0, 5, fp="f" * 64)
+        return _honest(9, 100.0, 5, fp="f" * 64, server_round=server_round)
     if kind == "zero-examples":
-        return reply(9, codec.encode_update(vals * 100, head_arrays(100), fp, num_examples=0))
+        return reply(9, codec.encode_update(vals * 100, head_arrays(100), fp, num_examples=0), server_round)
     if kind == "huge-examples":  # tries to dominate the weighted mean
-        return reply(9, codec.encode_update(vals * 100, head_arrays(100), fp, num_examples=10**12))
+        big = codec.encode_update(vals * 100, head_arrays(100), fp, num_examples=10**12)
+        return reply(9, big, server_round)
     raise AssertionError(kind)
 
 
@@ -405,6 +405,7 @@ def test_replayed_old_round_reply_is_rejected():
         )
         s, _, metrics = _aggregate([_honest(1, 1.0, 10), reply(9, old)], server_round=3)
     assert metrics["sites-accepted"] == 1 and [r["node"] for r in s.rejected] == [9]
+    assert s.rejected[0]["reason"] == "reply is for round 1 (replayed?)"
 
 
 # ------------------------------------------------------------------ 3. SIGKILL and resume
