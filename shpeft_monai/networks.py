@@ -164,10 +164,28 @@ def create_network(
                 "input size); leave img_size=None"
             ) from err
         raise
+    if type(model).__module__ in _FAN_OUT_HEAD_FAMILIES and (
+        path is None or num_classes != model.pretrained_cfg.get("num_classes")
+    ):
+        _init_new_head(model)
     architecture = name.split(".", 1)[0]  # drop a pretrained tag such as ".lvd142m"
     if path is not None and architecture in _POS_EMBED_RESAMPLE:
         _resample_pos_embed_like_source(model, path, **_POS_EMBED_RESAMPLE[architecture])
     return model
+
+
+# timm initialises the classifier of EfficientNet / MobileNet-style models uniformly in
+# +-1/sqrt(num_classes) (fan-out init): for 2 classes +-0.71, so a new head starts with logits of
+# standard deviation ~9 and a loss near 12 that a short fine-tuning does not undo. A new head of
+# these families starts like timm's ViT heads instead: truncated normal (std 0.02), zero bias.
+_FAN_OUT_HEAD_FAMILIES = ("timm.models.efficientnet", "timm.models.mobilenetv3")
+
+
+def _init_new_head(model: torch.nn.Module) -> None:
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.trunc_normal_(head.weight, std=0.02)
+        torch.nn.init.zeros_(head.bias)
 
 
 def _read_tensor(path: Path, key: str) -> torch.Tensor | None:

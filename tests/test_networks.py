@@ -192,6 +192,19 @@ def test_effnet_output_on_br35h_is_finite(effnet_checkpoint: Path, br35h_image: 
     assert out.shape == (1, 2) and torch.isfinite(out).all()
 
 
+def test_new_effnet_head_starts_near_chance_not_confidently_wrong(
+    effnet_checkpoint: Path, br35h_image: Image.Image
+) -> None:
+    """timm's fan-out init would give a 2-class head weights in +-0.71 and logits of magnitude ~10
+    (a loss near 12 that short fine-tuning cannot undo); a new head starts like a ViT head."""
+    torch.manual_seed(0)
+    model = create_network(EFFNET, num_classes=2).eval()
+    assert model.classifier.weight.std() < 0.03 and not model.classifier.bias.any()
+    with torch.no_grad():
+        logits = model(_to_tensor(br35h_image, 224, **preprocessing(EFFNET)))
+    assert logits.abs().max() < 1.0
+
+
 def test_effnet_preprocessing_matches_stem_batchnorm_statistics() -> None:
     """preprocessing() gives the statistics the weights were trained with: the stem BatchNorm's
     running mean is what the stem conv gives for ImageNet's mean colour under that normalisation
