@@ -449,7 +449,12 @@ def run_one(spec: RunSpec, cfg: SuiteConfig, data: dict[str, Split]) -> dict[str
     """Train one method, choose the epoch on validation, evaluate the test split once."""
     from shpeft_monai.calibration import warm_up_head
     from shpeft_monai.config import SHPEFTConfig
-    from shpeft_monai.methods import prepare_method, trainable_parameters, trainable_state
+    from shpeft_monai.methods import (
+        prepare_method,
+        restore_trainable_state,
+        trainable_parameters,
+        trainable_state,
+    )
     from shpeft_monai.model import get_mask, head_parameters, trainable_report
     from shpeft_monai.networks import create_network
 
@@ -543,10 +548,7 @@ def run_one(spec: RunSpec, cfg: SuiteConfig, data: dict[str, Split]) -> dict[str
                 "state": trainable_state(model),  # what training changed (BatchNorm statistics too)
             }
     assert best is not None
-    with torch.no_grad():
-        named = {**dict(model.named_buffers()), **dict(model.named_parameters())}
-        for n, v in best["state"].items():
-            named[n].copy_(v.to(named[n].device))
+    restore_trainable_state(model, best["state"])
     test = _metrics(data["test"], _predict(model, data["test"], cfg, device))  # once, at the chosen epoch
     timed = step_times[1:] if len(step_times) > 1 else step_times
     return {

@@ -27,7 +27,14 @@ from .model import head_parameters, inject, mask_summary
 from .pipeline import select_mask
 from .sparse import SparseDelta
 
-__all__ = ["METHODS", "freeze_norm_statistics", "prepare_method", "trainable_parameters", "trainable_state"]
+__all__ = [
+    "METHODS",
+    "freeze_norm_statistics",
+    "prepare_method",
+    "restore_trainable_state",
+    "trainable_parameters",
+    "trainable_state",
+]
 
 logger = logging.getLogger(__name__)
 METHODS = ("shpeft", "full", "linear_probe", "bitfit", "lora")
@@ -47,6 +54,19 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
             prefix = f"{name}." if name else ""
             state.update({prefix + b: t for b, t in module.named_buffers(recurse=False) if t is not None})
     return {n: t.detach().to("cpu").clone() for n, t in state.items()}
+
+
+def restore_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state") -> None:
+    """Copy a :func:`trainable_state` back into ``model`` by name (shapes must match)."""
+    named = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    bad = [n for n, t in state.items() if n not in named or named[n].shape != t.shape]
+    if bad:
+        raise ValueError(
+            f"{source}: saved tensors {bad[:5]} do not fit the network (another method or model?)."
+        )
+    with torch.no_grad():
+        for n, t in state.items():
+            named[n].copy_(t.to(named[n].device))
 
 
 def _keep_eval(module: nn.Module, _args: Any) -> None:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from ..io import atomic_write_bytes, atomic_write_text, save_delta
-from ..methods import trainable_state
+from ..methods import restore_trainable_state, trainable_state
 from ..model import bare_module, extract_delta, is_injected
 
 if TYPE_CHECKING:
@@ -37,17 +37,7 @@ def _save_trainable(path: Path, network: torch.nn.Module, meta: dict[str, Any]) 
 
 def load_trainable_state(network: torch.nn.Module, path: str | Path) -> None:
     """Copy saved trainable parameters (and BatchNorm statistics) into ``network`` by name."""
-    state = load_file(str(path))
-    module = bare_module(network)
-    params = {**dict(module.named_buffers()), **dict(module.named_parameters())}
-    bad = [n for n, t in state.items() if n not in params or params[n].shape != t.shape]
-    if bad:
-        raise ValueError(
-            f"{path}: saved tensors {bad[:5]} do not fit the network (another method or model?)."
-        )
-    with torch.no_grad():
-        for n, t in state.items():
-            params[n].copy_(t)
+    restore_trainable_state(bare_module(network), load_file(str(path)), source=str(path))
 
 
 class BestArtefactSaver:
