@@ -18,7 +18,7 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "br35h_shpeft" / "configs"
+BUNDLE = Path(__file__).resolve().parent / "bundles" / "br35h_shpeft" / "configs"
 
 
 def _convert(_: argparse.Namespace) -> int:
