@@ -10,7 +10,6 @@ their own validation data and report metrics only.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -53,9 +52,9 @@ def run_server(
     out_dir: str | Path | None = None,
     timeout: float = 3600,
 ) -> dict[str, Any]:
-    """The whole federated run; returns the report (also written to ``out_dir/report.json``)."""
+    """The whole federated run; returns the report (also written to ``out_dir/federated.json``)."""
     from federated.task import evaluate_model, inject_fresh, load_global, make_loader, set_threads, to_delta
-    from shpeft_monai import save_delta
+    from shpeft_monai.io import FEDERATED_REPORT_FILE, GLOBAL_DELTA_FILE, save_delta, write_json
     from shpeft_monai.model import backbone_fingerprint, eligible_parameters, head_parameters
     from shpeft_monai.scoring import task_agnostic_scores
 
@@ -155,9 +154,9 @@ def run_server(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_delta(out / "global_delta.safetensors", delta)
-        (out / "federated.json").write_text(json.dumps(report, indent=2, default=str))
-        report["delta_path"] = str(out / "global_delta.safetensors")
+        save_delta(out / GLOBAL_DELTA_FILE, delta)
+        write_json(out / FEDERATED_REPORT_FILE, report, indent=2)
+        report["delta_path"] = str(out / GLOBAL_DELTA_FILE)
     return report
 
 

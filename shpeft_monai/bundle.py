@@ -19,7 +19,7 @@ from torch import nn
 
 from . import data as _data
 from .handlers.checkpoint import load_trainable_state
-from .io import load_delta
+from .io import load_delta, load_mask
 from .methods import prepare_method
 from .model import apply_delta, mask_summary
 from .networks import preprocessing
@@ -112,7 +112,7 @@ def load_trained(
 def selection_summary(output_dir: str | Path) -> dict[str, Any] | None:
     """Where the selected weights sit (from ``mask.safetensors``), or None for other methods."""
     path = Path(output_dir) / "mask.safetensors"
-    return mask_summary(load_delta(path).mask) if path.is_file() else None
+    return mask_summary(load_mask(path).mask) if path.is_file() else None
 
 
 def run_summary(output_dir: str | Path, method: str = "shpeft") -> dict[str, Any]:
@@ -128,7 +128,7 @@ def run_summary(output_dir: str | Path, method: str = "shpeft") -> dict[str, Any
         facts["best_epoch"] = delta.meta.get("epoch")
         mask_file = out / "mask.safetensors"
         if mask_file.is_file():
-            facts["selection_seconds"] = load_delta(mask_file).meta.get("selection_seconds")
+            facts["selection_seconds"] = load_mask(mask_file).meta.get("selection_seconds")
     return facts
 
 

@@ -2,7 +2,7 @@
 
 shpeft convert-weights             # packaged weights -> timm checkpoints in the cache folder
 shpeft demo [--out runs/demo]      # train SH-PEFT on Br35H (CPU-demo overlay), evaluate on test
-shpeft inspect DELTA               # what a delta holds (counts, fingerprints, config, per block)
+shpeft inspect FILE                # what a delta or mask file holds, or why it is refused
 shpeft merge DELTA --out FILE      # base weights + delta -> one plain safetensors checkpoint
 """
 
@@ -32,6 +32,8 @@ def _convert(_: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from monai.bundle import run
 
+    from .io import METRICS_FILE, write_json
+
     out = Path(args.out).resolve()
     if out.exists() and not args.resume:
         shutil.rmtree(out)
@@ -46,7 +48,7 @@ def _demo(args: argparse.Namespace) -> int:
         logging_file=str(BUNDLE / "logging.conf"),
         **overrides,
     )
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    metrics = json.loads((out / "eval" / METRICS_FILE).read_text())
     summary = {
         "split": "test",
         "n": metrics["n"],
@@ -61,9 +63,7 @@ def _demo(args: argparse.Namespace) -> int:
         "total_seconds": round(time.perf_counter() - t0, 1),
         "report": str(out / "eval" / "report.md"),
     }
-    from .io import atomic_write_text
-
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
+    write_json(out / METRICS_FILE, summary, indent=2)
     print("\nSH-PEFT demo (DINOv2 ViT-S/14, Br35H test split)")
     for key, value in summary.items():
         print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
@@ -72,31 +72,40 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .io import load_delta
+    from .io import FORMAT, MASK_FORMAT, MaskFile, dumps_json, load_artefact
     from .model import mask_summary
 
-    delta = load_delta(args.delta)
-    summary = mask_summary(delta.mask)
-    print(
-        json.dumps(
-            {
-                **delta.summary(),
-                "by_block": summary["by_block"],
-                "by_type": summary["by_type"],
-                "config": delta.config,
-                "meta": delta.meta,
-            },
-            indent=2,
-            default=str,
-        )
-    )
+    artefact = load_artefact(args.file)
+    if isinstance(artefact, MaskFile):
+        mask = artefact.mask
+        head = {
+            "kind": "mask",
+            "format": MASK_FORMAT,
+            "selected_backbone_weights": mask.k,
+            "tensors": len(mask.indices),
+            "mask_fingerprint": mask.fingerprint,
+            "base_fingerprint": mask.base_fingerprint,
+        }
+    else:
+        mask = artefact.mask
+        head = {"kind": "delta", "format": FORMAT, **artefact.summary()}
+    summary = mask_summary(mask)
+    report = {
+        **head,
+        "file_bytes": Path(args.file).stat().st_size,
+        "by_block": summary["by_block"],
+        "by_type": summary["by_type"],
+        "config": artefact.config,
+        "meta": artefact.meta,
+    }
+    print(dumps_json(report, indent=2))
     return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from .io import load_delta
+    from .io import atomic_write_bytes, load_delta
     from .model import apply_delta
     from .networks import create_network
 
@@ -108,7 +117,7 @@ def _merge(args: argparse.Namespace) -> int:
     img_size = args.img_size or delta.meta.get("img_size")
     kwargs = {"img_size": int(img_size)} if img_size and "vit" in name else {}
     model = apply_delta(create_network(name, num_classes, **kwargs), delta)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out)
+    atomic_write_bytes(args.out, save({k: v.contiguous() for k, v in model.state_dict().items()}))
     print(f"merged {delta.mask.k} selected weights and the head into {args.out}")
     return 0
 
@@ -127,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", action="store_true", help="continue a stopped demo instead of starting afresh"
     )
     demo.set_defaults(fn=_demo)
-    ins = sub.add_parser("inspect", help="summarise a delta file")
-    ins.add_argument("delta")
+    ins = sub.add_parser("inspect", help="summarise a delta or mask file (or say why it is refused)")
+    ins.add_argument("file")
     ins.set_defaults(fn=_inspect)
     merge = sub.add_parser("merge", help="write base + delta as one plain checkpoint")
     merge.add_argument("delta")
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # DeltaFileError, DeltaMismatchError: a message, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -22,10 +22,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import SHPEFTConfig
-from .io import load_delta, save_delta
+from .io import MASK_FILE, load_mask, save_mask
 from .model import head_parameters, inject, mask_summary
 from .pipeline import select_mask
-from .sparse import SparseDelta
 
 __all__ = [
     "METHODS",
@@ -145,17 +144,14 @@ def prepare_method(
     elif method == "lora":
         model = _lora(model, list(cfg.head), dict(lora or {}))
     else:
-        mask_file = Path(output_dir) / "mask.safetensors" if output_dir else None
+        mask_file = Path(output_dir) / MASK_FILE if output_dir else None
         if mask_file is not None and mask_file.is_file():
-            mask = load_delta(mask_file).mask
+            mask = load_mask(mask_file).mask
             logger.info("SH-PEFT: resuming with the saved mask %s (k=%d)", mask_file, mask.k)
         else:
             mask = select_mask(model, cfg, calib_loader, device=device, progress=progress)
             if mask_file is not None:
-                zeros = {n: torch.zeros(i.numel()) for n, i in mask.indices.items()}
-                save_delta(
-                    mask_file, SparseDelta(mask, zeros, {}, cfg.to_dict(), {"kind": "mask", **mask.meta})
-                )
+                save_mask(mask_file, mask, cfg.to_dict(), mask.meta)
         inject(model, mask, cfg)
         summary = mask_summary(mask)
         logger.info("SH-PEFT mask: %d weights; by type %s", mask.k, summary["by_type"])

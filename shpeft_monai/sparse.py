@@ -25,7 +25,11 @@ class DeltaMismatchError(ValueError):
 
 
 def fingerprint_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """SHA-256 over names, shapes, dtypes and bytes of the given tensors (order-independent)."""
+    """SHA-256 over names, shapes, dtypes and bytes of the given tensors (order-independent).
+
+    The one tensor hash of the project: the base-model fingerprint and the ``tensors`` checksum of
+    every saved delta and mask (:mod:`shpeft_monai.io`).
+    """
     h = hashlib.sha256()
     for name, t in sorted(tensors, key=lambda item: item[0]):
         t = t.detach().to("cpu").contiguous()

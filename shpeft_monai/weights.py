@@ -24,11 +24,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -97,20 +94,14 @@ def _weights_path(file_name: str, out_path: Path | None) -> Path:
 
 
 def _save_atomic(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file through a temporary file in the same folder and ``os.replace``."""
-    from safetensors.torch import save_file
+    """Write a safetensors file atomically through :func:`shpeft_monai.io.atomic_write_bytes`."""
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache file should be readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from shpeft_monai.io import atomic_write_bytes
+
+    atomic_write_bytes(
+        path, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    )
 
 
 def _check_complete(name: str, state_dict: Mapping[str, torch.Tensor], **model_kwargs: Any) -> None:

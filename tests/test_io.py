@@ -107,9 +107,11 @@ def test_out_of_range_indices_are_refused(trained) -> None:
     meta = json.loads(data[8 : 8 + n])["__metadata__"]
     tensors = load(data)
     tensors["mask.indices"][-1] = 10**9
-    from shpeft_monai.io import _checksum
+    from shpeft_monai.sparse import fingerprint_tensors
 
-    meta["payload_sha256"] = _checksum(tensors)  # a well-formed but hostile file
+    record = json.loads(meta["sha256"])
+    record["tensors"] = fingerprint_tensors(tensors.items())  # a well-formed but hostile file
+    meta["sha256"] = json.dumps(record)
     path.write_bytes(save(tensors, metadata=meta))
     with pytest.raises(DeltaFileError, match="outside"):
         load_delta(path)

@@ -20,7 +20,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from ..io import atomic_write_bytes, atomic_write_text, save_delta
+from ..io import (
+    BEST_DELTA_FILE,
+    BEST_TRAINABLE_FILE,
+    LAST_OPTIMIZER_FILE,
+    LAST_TRAINABLE_FILE,
+    LAST_TRAINER_FILE,
+    atomic_write_bytes,
+    dumps_json,
+    save_delta,
+    write_json,
+)
 from ..methods import restore_trainable_state, trainable_state
 from ..model import bare_module, extract_delta, is_injected
 
@@ -31,7 +41,7 @@ __all__ = ["BestArtefactSaver", "TrainingCheckpoint", "load_trainable_state"]
 
 
 def _save_trainable(path: Path, network: torch.nn.Module, meta: dict[str, Any]) -> None:
-    data = save(trainable_state(bare_module(network)), metadata={"meta": json.dumps(meta, default=str)})
+    data = save(trainable_state(bare_module(network)), metadata={"meta": dumps_json(meta, indent=None)})
     atomic_write_bytes(path, data)
 
 
@@ -56,7 +66,7 @@ class BestArtefactSaver:
         self.best: float | None = None
 
     def _previous_best(self) -> float | None:
-        for name in ("best_delta.safetensors", "best_trainable.safetensors"):
+        for name in (BEST_DELTA_FILE, BEST_TRAINABLE_FILE):
             path = self.output_dir / name
             if path.is_file():
                 with safe_open(str(path), "pt") as f:
@@ -79,9 +89,9 @@ class BestArtefactSaver:
         self.best = value
         meta = {**self.meta, "epoch": engine.state.epoch, "best_metric": value}
         if is_injected(self.network):
-            path = save_delta(self.output_dir / "best_delta.safetensors", extract_delta(self.network, meta))
+            path = save_delta(self.output_dir / BEST_DELTA_FILE, extract_delta(self.network, meta))
         else:
-            path = self.output_dir / "best_trainable.safetensors"
+            path = self.output_dir / BEST_TRAINABLE_FILE
             _save_trainable(path, self.network, meta)
         engine.logger.info("saved best artefact %s (epoch %d, metric %.4f)", path, meta["epoch"], value)
 
@@ -104,7 +114,7 @@ class TrainingCheckpoint:
     @property
     def files(self) -> tuple[Path, Path, Path]:
         d = self.output_dir
-        return d / "last_trainable.safetensors", d / "last_optimizer.pt", d / "last_trainer.json"
+        return d / LAST_TRAINABLE_FILE, d / LAST_OPTIMIZER_FILE, d / LAST_TRAINER_FILE
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
@@ -126,7 +136,7 @@ class TrainingCheckpoint:
             "iteration": engine.state.iteration,
             "max_epochs": engine.state.max_epochs,
         }
-        atomic_write_text(trainer, json.dumps(state))
+        write_json(trainer, state)
 
     def _load(self, engine: Engine) -> None:
         trainable, optim, trainer = self.files
