@@ -2,7 +2,9 @@
 
 Br35H (3,000 axial brain MRI JPEGs, ``no``/``yes`` tumour) stores many slices several times: at other
 sizes and contrasts, and mirrored (left-right, up-down, rotated by 180 degrees, i.e. augmentation copies).
-A split that scatters those copies over train and test leaks the test set into training. This script
+A split that scatters those copies over train and test leaks the test set into training.
+The hash and the grouping live in :mod:`shpeft_monai.data.grouping` (``open_dataset(...,
+grouping="near_duplicate")`` uses the same functions on users' data). This script
 
 1. decodes every image once as a small grey thumbnail (JPEG draft mode: DCT-domain downscaling),
 2. computes a 256-bit perceptual hash (DCT of a 64x64 thumbnail, top-left 16x16 coefficients compared with
@@ -33,18 +35,24 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 
 from shpeft_monai._assets import package_dir
+from shpeft_monai.data import BR35H_FOLDERS
+from shpeft_monai.data.grouping import (  # the library's hash, so that users' splits group the same way
+    DEFAULT_THRESHOLD,
+    HASH_SIZE,
+    THUMB,
+    dihedral_hashes,
+    grey_thumbnail,
+    near_duplicate_pairs,
+    union_find_groups,
+)
 
 logger = logging.getLogger("make_br35h_split")
 
-CLASSES = ("no", "yes")
+CLASSES = BR35H_FOLDERS  # folder names, in label order (display names: shpeft_monai.data.BR35H_CLASSES)
 SUFFIXES = (".jpg", ".jpeg", ".png")
-THUMB = 64
-HASH_SIZE = 16
-DEFAULT_THRESHOLD = 40
 DEFAULT_SEED = 0
 N_FOLDS = 20
 TEST_FOLDS = (0, 1, 2)
@@ -66,65 +74,6 @@ def list_images(root: Path) -> tuple[list[str], np.ndarray]:
     return rel, np.asarray(labels, dtype=np.int64)
 
 
-def grey_thumbnail(path: Path, size: int = THUMB) -> np.ndarray:
-    """Decode ``path`` cheaply to a ``size`` x ``size`` float grey thumbnail (any PIL mode)."""
-    with Image.open(path) as im:
-        im.draft("L", (size, size))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale, never below `size`
-        grey = im.convert("L").resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(grey, dtype=np.float64)
-
-
-def _dct_matrix(n: int) -> np.ndarray:
-    k = np.arange(n)
-    return np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n))
-
-
-def dihedral_hashes(thumbs: np.ndarray, hash_size: int = HASH_SIZE) -> np.ndarray:
-    """Perceptual hashes of every thumbnail under the 8 dihedral transforms.
-
-    Returns a bool array ``(8, n, hash_size**2)``; index 0 is the untransformed image.
-    """
-    dct = _dct_matrix(thumbs.shape[-1])
-    coeff = (dct @ thumbs @ dct.T)[:, :hash_size, :hash_size]
-    sign = (-1.0) ** np.arange(hash_size)
-    variants = []
-    for c in (coeff, coeff.transpose(0, 2, 1)):
-        variants += [c, c * sign[None, :], c * sign[:, None], c * sign[:, None] * sign[None, :]]
-    flat = np.stack([v.reshape(len(v), -1) for v in variants])
-    return flat > np.median(flat, axis=2, keepdims=True)
-
-
-def min_hamming(hashes: np.ndarray) -> np.ndarray:
-    """Symmetric ``(n, n)`` matrix: smallest Hamming distance between any transform of i and j."""
-    bits = hashes.shape[-1]
-    ref = hashes[0].astype(np.float32)
-    best = np.full((ref.shape[0], ref.shape[0]), bits, dtype=np.float32)
-    for h in hashes.astype(np.float32):
-        agree = h @ ref.T + (1 - h) @ (1 - ref).T
-        np.minimum(best, bits - agree, out=best)
-    return np.minimum(best, best.T)
-
-
-def union_find_groups(linked: np.ndarray) -> np.ndarray:
-    """Connected components of a boolean adjacency matrix; group ids numbered by first member."""
-    n = linked.shape[0]
-    parent = list(range(n))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for i, j in zip(*np.nonzero(np.triu(linked, 1))):
-        ri, rj = find(int(i)), find(int(j))
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    roots = [find(i) for i in range(n)]
-    ids: dict[int, int] = {}
-    return np.asarray([ids.setdefault(r, len(ids)) for r in roots], dtype=np.int64)
-
-
 def group_split(labels: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
     """Split index per file: 0 train, 1 validation, 2 test (stratified, groups never cross)."""
     folds = np.zeros(len(labels), dtype=np.int64)
@@ -141,8 +90,7 @@ def build(root: Path, threshold: int, seed: int) -> dict:
     """Compute groups and split; return the JSON payload."""
     rel, labels = list_images(root)
     thumbs = np.stack([grey_thumbnail(root / r) for r in rel])
-    dist = min_hamming(dihedral_hashes(thumbs))
-    groups = union_find_groups(dist <= threshold)
+    groups = union_find_groups(len(rel), near_duplicate_pairs(dihedral_hashes(thumbs), threshold))
 
     sizes = Counter(groups.tolist())
     multi = {g for g, c in sizes.items() if c > 1}

@@ -18,6 +18,7 @@ from PIL import Image
 
 from shpeft_monai.data import (
     BR35H_CLASSES,
+    BR35H_FOLDERS,
     DataError,
     LoadMedicalImaged,
     br35h_root,
@@ -29,6 +30,7 @@ from shpeft_monai.data import (
     preflight,
     subsample,
 )
+from shpeft_monai.data.grouping import dihedral_hashes, grey_thumbnail, min_hamming
 
 REPO = Path(__file__).resolve().parents[1]
 RESOURCE = REPO / "shpeft_monai" / "resources" / "br35h_split.json"
@@ -76,7 +78,7 @@ def _dicom_file(name: str = "CT_small.dcm") -> str:
 
 def test_split_header(raw_split):
     assert raw_split["dataset"] == "br35h"
-    assert raw_split["classes"] == list(BR35H_CLASSES)
+    assert raw_split["classes"] == list(BR35H_FOLDERS)  # folder names; class names: BR35H_CLASSES
     assert isinstance(raw_split["seed"], int) and raw_split["method"]
     assert set(raw_split["splits"]) == set(SPLITS)
     groups = {e["group"] for s in SPLITS for e in raw_split["splits"][s]}
@@ -87,7 +89,7 @@ def test_split_covers_all_files_once(raw_split, root):
     images = [e["image"] for s in SPLITS for e in raw_split["splits"][s]]
     assert len(images) == 3000
     assert len(set(images)) == len(images)  # no duplicates, hence disjoint splits
-    on_disk = {f"{c}/{p.name}" for c in BR35H_CLASSES for p in (root / c).iterdir()}
+    on_disk = {f"{c}/{p.name}" for c in BR35H_FOLDERS for p in (root / c).iterdir()}
     assert set(images) == on_disk  # every file exists and none is left out
 
 
@@ -97,7 +99,7 @@ def test_split_paths_relative_and_labels_match_folder(raw_split):
             path = e["image"]
             assert not os.path.isabs(path) and ".." not in Path(path).parts and "\\" not in path
             cls, _ = path.split("/")
-            assert e["label"] == BR35H_CLASSES.index(cls)
+            assert e["label"] == BR35H_FOLDERS.index(cls)
 
 
 def test_split_sizes_and_stratification(raw_split):
@@ -158,7 +160,7 @@ def test_load_split_br35h_absolute_paths(root):
     assert Path(first["image"]).is_absolute() and Path(first["image"]).is_file()
     assert Path(first["image"]).parent.parent == root
     assert isinstance(first["label"], int)
-    assert num_classes(splits) == 2 and class_names("br35h") == ["no", "yes"]
+    assert num_classes(splits) == 2 and class_names("br35h") == list(BR35H_CLASSES) == ["no_tumour", "tumour"]
 
 
 def test_split_script_deterministic_on_small_tree(tmp_path, root):
@@ -175,12 +177,11 @@ def test_split_script_deterministic_on_small_tree(tmp_path, root):
 
 
 def test_dihedral_hash_sees_mirrored_copy(root):
-    mod = _script()
-    thumb = mod.grey_thumbnail(root / "no" / "No12.jpg")
+    thumb = grey_thumbnail(root / "no" / "No12.jpg")
     pair = np.stack([thumb, thumb[:, ::-1]])  # the image and its mirror image
-    hashes = mod.dihedral_hashes(pair)
+    hashes = dihedral_hashes(pair)
     assert (hashes[0, 0] != hashes[0, 1]).sum() > 64  # plain pHash: the mirror looks like another image
-    assert mod.min_hamming(hashes)[0, 1] == 0  # dihedral pHash: the same image
+    assert min_hamming(hashes)[0, 1] == 0  # dihedral pHash: the same image
 
 
 @pytest.mark.slow
@@ -196,7 +197,7 @@ def test_split_script_reproduces_committed_file():
 @pytest.fixture(scope="module")
 def br35h_by_mode(root) -> dict[str, Path]:
     found: dict[str, Path] = {}
-    for c in BR35H_CLASSES:
+    for c in BR35H_FOLDERS:
         for p in sorted((root / c).iterdir()):
             with Image.open(p) as im:
                 found.setdefault(im.mode, p)

@@ -1,5 +1,10 @@
-"""Datalists, the committed Br35H split, MONAI transforms for 2D images, NIfTI and DICOM, and a preflight check.
+"""Datalists, the committed Br35H split, users' own data, MONAI transforms for 2D images, NIfTI and DICOM,
+and a preflight check.
 
+* :func:`open_dataset` opens Br35H, a folder per class, a CSV or a datalist JSON as one checked split
+  (:class:`DatasetSplits`: class names from the data, a stratified split grouped by file content when the
+  source gives none, no file content in two splits, a SHA-256 of the datalist) (:mod:`.sources`);
+  :func:`check_splits` is its leak and duplicate check (:mod:`.splitting`, :mod:`.grouping`).
 * A datalist is MONAI's: a list of ``{"image": path, "label": int}`` dicts, grouped into
   ``{"train": [...], "validation": [...], "test": [...]}``. The Br35H split is a committed resource whose
   groups of near-duplicate images never cross splits (:mod:`.datalists`).
@@ -10,9 +15,9 @@
   (:mod:`.checks`).
 
 Example:
-    >>> from shpeft_monai.data import image_transforms, load_split, preflight  # doctest: +SKIP
-    >>> splits = load_split("br35h")  # doctest: +SKIP
-    >>> good, problems = preflight(splits["train"], num_classes=2)  # doctest: +SKIP
+    >>> from shpeft_monai.data import image_transforms, open_dataset, preflight  # doctest: +SKIP
+    >>> ds = open_dataset("br35h")  # doctest: +SKIP
+    >>> good, problems = preflight(ds.splits["train"], ds.num_classes, class_names=ds.class_names)  # doctest: +SKIP
     >>> sample = image_transforms(224, train=True)(good[0])  # doctest: +SKIP
     >>> sample["image"].shape, sample["label"].dtype  # doctest: +SKIP
     (torch.Size([3, 224, 224]), torch.int64)
@@ -20,27 +25,33 @@ Example:
 
 from __future__ import annotations
 
-from ._common import BR35H_CLASSES, IMAGE_SUFFIXES, SPLIT_NAMES, DataError, Datalist
+from ._common import BR35H_CLASSES, BR35H_FOLDERS, IMAGE_SUFFIXES, SPLIT_NAMES, DataError, Datalist
 from .checks import preflight
 from .datalists import br35h_root, class_names, folder_datalist, load_split, num_classes, subsample
 from .images import IMAGENET_MEAN, IMAGENET_STD, LoadMedicalImaged, image_transforms, load_medical_image
+from .sources import DatasetSplits, open_dataset
+from .splitting import check_splits
 
 __all__ = [
     "BR35H_CLASSES",
+    "BR35H_FOLDERS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
     "SPLIT_NAMES",
     "DataError",
     "Datalist",
+    "DatasetSplits",
     "LoadMedicalImaged",
     "br35h_root",
+    "check_splits",
     "class_names",
     "folder_datalist",
     "image_transforms",
     "load_medical_image",
     "load_split",
     "num_classes",
+    "open_dataset",
     "preflight",
     "subsample",
 ]

