@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from shpeft_monai.io import DeltaFileError, delta_from_bytes
+from shpeft_monai.io import DeltaFileError, MaskFile, delta_from_bytes, mask_from_bytes
 from shpeft_monai.sparse import SparseDelta
 
 __all__ = [
     "fuzz_decode_update",
     "fuzz_delta_bytes",
+    "fuzz_mask_bytes",
     "fuzz_update_arrays",
     "join_safetensors",
     "split_safetensors",
@@ -44,6 +45,17 @@ def fuzz_delta_bytes(data: bytes) -> SparseDelta | None:
     for name, idx in delta.mask.indices.items():  # an accepted delta is internally consistent
         assert delta.values[name].numel() == idx.numel()
     return delta
+
+
+def fuzz_mask_bytes(data: bytes) -> MaskFile | None:
+    """The mask loader on arbitrary bytes: a valid :class:`MaskFile` or :class:`DeltaFileError`."""
+    try:
+        loaded = mask_from_bytes(bytes(data), "<fuzz>")
+    except DeltaFileError:
+        return None
+    assert isinstance(loaded, MaskFile) and isinstance(loaded.config, dict) and isinstance(loaded.meta, dict)
+    assert loaded.mask.k == sum(loaded.mask.counts().values())
+    return loaded
 
 
 def split_safetensors(data: bytes) -> tuple[dict[str, Any], bytes]:

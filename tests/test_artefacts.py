@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from shpeft_monai import SHPEFTConfig, extract_delta, inject, select_mask, trainable_parameters
@@ -28,7 +30,7 @@ from shpeft_monai.io import (
     write_json,
 )
 from shpeft_monai.sparse import fingerprint_tensors
-from tests.fuzz_targets import join_safetensors, split_safetensors
+from tests.fuzz_targets import fuzz_delta_bytes, fuzz_mask_bytes, join_safetensors, split_safetensors
 
 CFG = SHPEFTConfig(budget=6, hybrid="task_agnostic", head=("2",), eligible=("linear", "bias"))
 
@@ -107,6 +109,36 @@ def test_retired_format_is_refused_with_the_fix(files) -> None:
     files["delta"].write_bytes(join_safetensors(header, body))
     with pytest.raises(DeltaFileError, match=r"'shpeft-delta/1' is retired.*re-create"):
         load_delta(files["delta"])
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(st.data())
+def test_fuzz_mask_loader_mutated_valid_file(files, data) -> None:
+    """Bit flips, cuts and header edits of a mask file: refused cleanly or, if accepted, unchanged."""
+    good = files["mask"].read_bytes()
+    op = data.draw(st.sampled_from(["flip", "truncate", "header"]))
+    if op == "flip":
+        b = bytearray(good)
+        pos = data.draw(st.integers(0, len(good) * 8 - 1))
+        b[pos // 8] ^= 1 << (pos % 8)
+        mutated = bytes(b)
+    elif op == "truncate":
+        mutated = good[: data.draw(st.integers(0, len(good) - 1))]
+    else:
+        header, body = split_safetensors(good)
+        key = data.draw(st.sampled_from(sorted(header["__metadata__"])))
+        header["__metadata__"][key] = data.draw(st.text(max_size=12))
+        mutated = join_safetensors(header, body)
+    out = fuzz_mask_bytes(mutated)
+    assert fuzz_delta_bytes(mutated) is None  # never taken for a delta
+    if out is not None:
+        assert out.mask.fingerprint == load_mask(files["mask"]).mask.fingerprint
 
 
 # ------------------------------------------------------------------------ the mask's own format
