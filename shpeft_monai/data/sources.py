@@ -133,7 +133,7 @@ def _read_folder(root: Path) -> list[dict[str, Any]]:
 
 def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str | None]]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.DictReader(fh))
+        rows = list(csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
     columns = {c.strip().lower(): c for c in (rows[0].keys() if rows else []) if c}
     image_col = next((columns[c] for c in _IMAGE_COLUMNS if c in columns), None)
     label_col = columns.get("label")
@@ -269,7 +269,7 @@ def open_dataset(
             raise FileNotFoundError(
                 f"open_dataset: {str(source)!r} is neither 'br35h', a class folder, a CSV nor a datalist JSON"
             )
-        elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        elif path.suffix.lower() in (".csv", ".tsv"):
             kind, (entries, split_of) = "csv", _read_csv(path)
             if all(s is not None for s in split_of) and entries:
                 given = {name: [] for name in SPLIT_NAMES}
