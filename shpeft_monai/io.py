@@ -445,6 +445,7 @@ def _read(path: str | os.PathLike, what: str) -> tuple[bytes, str]:
     path = Path(path)
     if path.is_dir():
         inside = [name for name in _ARTEFACTS if (path / name).is_file()]
+        inside = inside or sorted(p.name for p in path.glob("*.safetensors"))
         hint = f", e.g. {str(path / inside[0])!r}" if inside else ""
         raise DeltaFileError(f"{str(path)!r} is a directory, not a {what} file; pass the file itself{hint}.")
     if not path.exists():
