@@ -18,93 +18,107 @@ import torch
 from torch import nn
 
 from . import data as _data
+from .errors import RunConfigError, install_excepthook
 from .handlers.checkpoint import load_trainable_state
-from .io import load_delta, load_mask
+from .io import BEST_DELTA_FILE, BEST_TRAINABLE_FILE, load_delta, load_mask
 from .methods import prepare_method
 from .model import apply_delta, mask_summary
-from .networks import preprocessing
+from .networks import create_network
+from .run_record import RunRecord, resolve_run
 
 __all__ = [
+    "artefact_meta",
+    "build_network",
     "checked",
     "image_folder_datalist",
     "load_trained",
-    "make_datalist",
+    "resolve_run",
     "selection_summary",
+    "title",
     "transforms",
 ]
 
 logger = logging.getLogger(__name__)
 
-
-def make_datalist(
-    dataset: str = "br35h",
-    dataset_dir: str | None = None,
-    *,
-    seed: int = 0,
-    train_subset: int = 0,
-    val_subset: int = 0,
-    test_subset: int = 0,
-) -> dict[str, list[dict[str, Any]]]:
-    """Train/validation/test records from ``dataset`` (``br35h`` or a datalist JSON) or a
-    folder-per-class ``dataset_dir``; optional stratified subsets (0 = all). Each record also keeps
-    its source path under ``path`` so that reports and CSVs can name files."""
-    split = _data.folder_datalist(dataset_dir, seed=seed) if dataset_dir else _data.load_split(dataset)
-    sizes = {"train": train_subset, "validation": val_subset, "test": test_subset}
-    out = {}
-    for name, records in split.items():
-        n = sizes.get(name, 0)
-        chosen = _data.subsample(records, n, seed=seed) if n else list(records)
-        out[name] = [{**r, "path": str(r["image"])} for r in chosen]
-    return out
+# a bundle run that stops on a user-facing problem ends with that message, not a config-parser traceback
+install_excepthook()
 
 
-def image_folder_datalist(input_dir: str, suffixes: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def image_folder_datalist(
+    input_dir: str | None, suffixes: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """Unlabelled records for every image file under ``input_dir`` (inference)."""
+    if not input_dir:
+        raise RunConfigError("inference needs images: pass --input_dir <folder of images>.")
     root = Path(input_dir)
     if not root.is_dir():
-        raise FileNotFoundError(
-            f"input_dir {str(root)!r} is not a folder; pass --input_dir <folder of images>."
-        )
+        raise RunConfigError(f"input_dir {str(root)!r} is not a folder; pass --input_dir <folder of images>.")
     suffixes = tuple(suffixes or (*_data.IMAGE_SUFFIXES, ".nii", ".nii.gz", ".dcm"))
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
     if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(suffixes)}) under {str(root)!r}.")
+        raise RunConfigError(f"no image files ({', '.join(suffixes)}) under {str(root)!r}.")
     return [{"image": str(p), "path": str(p)} for p in files]
 
 
 def checked(
-    records: list[dict[str, Any]], num_classes: int | None, skip_bad: bool = False, spatial_dims: int = 2
+    records: list[dict[str, Any]], run: RunRecord, skip_bad: bool = False, labelled: bool = True
 ) -> list[dict[str, Any]]:
-    """Pre-flight check of a datalist: every problem reported at once (or skipped with a warning)."""
-    good, problems = _data.preflight(records, num_classes, skip_bad=skip_bad, spatial_dims=spatial_dims)
+    """Pre-flight check of a datalist for the run: every problem reported at once (or skipped, logged)."""
+    good, problems = _data.preflight(
+        records,
+        run.num_classes if labelled else None,
+        skip_bad=skip_bad,
+        spatial_dims=run.spatial_dims,
+        class_names=list(run.class_names) if labelled else None,
+    )
     if problems:
         logger.warning("skipped %d bad samples: %s", len(problems), [p["image"] for p in problems][:20])
     return good
 
 
-def transforms(network_name: str, img_size: int, train: bool, spatial_dims: int = 2) -> Any:
-    """MONAI transforms using the network's own normalisation (ImageNet, or 0.5/0.5 for Lite0)."""
+def transforms(run: RunRecord, train: bool) -> Any:
+    """MONAI transforms with the run's size, spatial dims and its network's own normalisation."""
+    stats = run.preprocessing
+    return _data.image_transforms(run.img_size, train, stats["mean"], stats["std"], run.spatial_dims)
+
+
+def build_network(run: RunRecord, **kwargs: Any) -> nn.Module:
+    """The run's pretrained network with a new head for its classes (``img_size`` only where it applies)."""
     try:
-        stats = preprocessing(network_name)
-    except (KeyError, ValueError):
-        stats = {"mean": _data.IMAGENET_MEAN, "std": _data.IMAGENET_STD}
-    return _data.image_transforms(img_size, train, stats["mean"], stats["std"], spatial_dims)
+        return create_network(run.network_name, run.num_classes, img_size=run.img_size, **kwargs)
+    except ValueError as err:
+        if "img_size" not in str(err):
+            raise
+        return create_network(run.network_name, run.num_classes, **kwargs)
 
 
-def load_trained(
-    network: nn.Module, output_dir: str | Path, method: str = "shpeft", lora: dict | None = None
-) -> nn.Module:
+def artefact_meta(run: RunRecord) -> dict[str, Any]:
+    """What a saved artefact carries about itself: the run's description (network, size, classes, data)."""
+    return run.describe()
+
+
+def title(run: RunRecord, split: str = "test") -> str:
+    """Report title naming the data scored, the split, the method and the network."""
+    scored = run.scored or {}
+    source = str(scored.get("source") or run.data.get("source"))
+    name = "Br35H" if source.lower() == "br35h" else Path(source).name
+    part = scored.get("split", split)
+    where = f"{name} ({'all images' if part == 'all' else part + ' split'})"
+    return f"{where}: {run.method} on {run.network_name}, classes {', '.join(run.class_names)}"
+
+
+def load_trained(network: nn.Module, output_dir: str | Path, run: RunRecord) -> nn.Module:
     """Base network + the best saved artefact of a training run (the SH-PEFT delta merged in)."""
     out = Path(output_dir)
-    if method == "shpeft":
-        path = out / "best_delta.safetensors"
+    if run.method == "shpeft":
+        path = out / BEST_DELTA_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run the training workflow first (same output_dir).")
+            raise RunConfigError(f"{path} not found: the training in {out} saved no artefact yet.")
         return apply_delta(network, load_delta(path))
-    path = out / "best_trainable.safetensors"
+    path = out / BEST_TRAINABLE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the training workflow first (same output_dir).")
-    network = prepare_method(network, method, lora=lora, output_dir=None)
+        raise RunConfigError(f"{path} not found: the training in {out} saved no artefact yet.")
+    network = prepare_method(network, run.method, lora=run.lora, output_dir=None)
     load_trainable_state(network, path)
     return network
 
@@ -115,10 +129,18 @@ def selection_summary(output_dir: str | Path) -> dict[str, Any] | None:
     return mask_summary(load_mask(path).mask) if path.is_file() else None
 
 
-def run_summary(output_dir: str | Path, method: str = "shpeft") -> dict[str, Any]:
-    """Facts about the trained artefact for the report: sizes and trainable counts."""
+def run_summary(output_dir: str | Path, run: RunRecord) -> dict[str, Any]:
+    """Facts about the trained artefact for the report: sizes, trainable counts, the data scored."""
     out = Path(output_dir)
-    facts: dict[str, Any] = {"method": method}
+    method = run.method
+    facts: dict[str, Any] = {
+        "method": method,
+        "network": run.network_name,
+        "img_size": run.img_size,
+        "class_names": list(run.class_names),
+        "trained_on": run.data,
+        "scored": run.scored,
+    }
     best = out / ("best_delta.safetensors" if method == "shpeft" else "best_trainable.safetensors")
     if best.is_file():
         facts["artefact_bytes"] = best.stat().st_size

@@ -7,14 +7,13 @@ selected SH-PEFT weights sit (per block and per tensor type).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .io import atomic_write_text
+from .io import METRICS_FILE, atomic_write_text, write_json
 
 __all__ = [
     "classification_metrics",
@@ -29,7 +28,8 @@ __all__ = [
 def classification_metrics(
     labels: Sequence[int], probs: np.ndarray, class_names: Sequence[str]
 ) -> dict[str, Any]:
-    """Metrics from integer labels and (N, C) class probabilities."""
+    """Metrics from integer labels and (N, C) class probabilities: plain accuracy, balanced accuracy,
+    macro F1, ROC-AUC (macro one-vs-rest for more than two classes), per-class precision/recall/F1."""
     from sklearn.metrics import (
         accuracy_score,
         confusion_matrix,
@@ -49,11 +49,12 @@ def classification_metrics(
         auc = float(
             roc_auc_score(y, p[:, 1]) if len(classes) == 2 else roc_auc_score(y, p, multi_class="ovr")
         )
-    except ValueError:  # a single class present
+    except ValueError:  # a class absent from the labels: AUC is undefined (reported as null)
         auc = float("nan")
     return {
         "n": int(y.shape[0]),
         "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(np.mean([rec[c] for c in np.unique(y)])) if len(y) else float("nan"),
         "f1_macro": float(f1_score(y, pred, labels=classes, average="macro", zero_division=0)),
         "roc_auc": auc,
         "per_class": {
@@ -172,7 +173,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {**metrics, **(extra or {})}
-    atomic_write_text(out / "metrics.json", json.dumps(payload, indent=2, sort_keys=True))
+    write_json(out / METRICS_FILE, payload)  # standard JSON: an undefined AUC is null
     plots = [plot_confusion(metrics, out / "confusion_matrix.png")]
     if labels is not None and probs is not None:
         plots.append(plot_roc(labels, probs, metrics["class_names"], out / "roc_curve.png"))
@@ -181,7 +182,7 @@ def write_report(
     if selection:
         plots.append(plot_selection(selection, out / "selection.png"))
     lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
-    for key in ("n", "accuracy", "f1_macro", "roc_auc"):
+    for key in ("n", "accuracy", "balanced_accuracy", "f1_macro", "roc_auc"):
         lines.append(
             f"| {key} | {metrics[key]:.4f} |"
             if isinstance(metrics[key], float)
@@ -190,6 +191,10 @@ def write_report(
     for key, value in (extra or {}).items():
         if isinstance(value, (int, float, str)):
             lines.append(f"| {key} | {value} |")
+        elif key in ("trained_on", "scored") and isinstance(value, dict):
+            lines.append(
+                f"| {key} | {value.get('source')} ({value.get('split', 'splits')}, sha256 {str(value.get('sha256'))[:12]}) |"
+            )
     lines += ["", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
     for name, m in metrics["per_class"].items():
         lines.append(

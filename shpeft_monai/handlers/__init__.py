@@ -5,6 +5,7 @@ from __future__ import annotations
 from .checkpoint import BestArtefactSaver, TrainingCheckpoint
 from .report import ClassificationReport, PredictionWriter, TrainingHistory
 from .selection import SHPEFTSelection
+from .validation import ValidationMetrics, selection_score, validation_metrics
 
 __all__ = [
     "BestArtefactSaver",
@@ -13,4 +14,7 @@ __all__ = [
     "SHPEFTSelection",
     "TrainingCheckpoint",
     "TrainingHistory",
+    "ValidationMetrics",
+    "selection_score",
+    "validation_metrics",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io as _io
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from ..io import (
 )
 from ..methods import restore_trainable_state, trainable_state
 from ..model import bare_module, extract_delta, is_injected
+from .validation import SELECTION_METRIC
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -51,18 +53,24 @@ def load_trainable_state(network: torch.nn.Module, path: str | Path) -> None:
 
 
 class BestArtefactSaver:
-    """Save the trained artefact whenever the evaluator's key metric reaches a new best (higher is better).
+    """Save the trained artefact whenever the validation selection score (``metric_name``, default the
+    :mod:`.validation` score that cannot pick a collapsed model) reaches a new best (higher is better).
 
     The best value so far is read back from an existing artefact on attach, so a resumed run never
     replaces a better artefact with a worse one.
     """
 
     def __init__(
-        self, output_dir: str | Path, network: torch.nn.Module, meta: dict[str, Any] | None = None
+        self,
+        output_dir: str | Path,
+        network: torch.nn.Module,
+        meta: dict[str, Any] | None = None,
+        metric_name: str = SELECTION_METRIC,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.network = bare_module(network)
         self.meta = dict(meta or {})
+        self.metric_name = metric_name
         self.best: float | None = None
 
     def _previous_best(self) -> float | None:
@@ -71,7 +79,7 @@ class BestArtefactSaver:
             if path.is_file():
                 with safe_open(str(path), "pt") as f:
                     meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-                if "best_metric" in meta:
+                if meta.get("best_metric") is not None:
                     return float(meta["best_metric"])
         return None
 
@@ -83,11 +91,18 @@ class BestArtefactSaver:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_save)
 
     def _maybe_save(self, engine: Engine) -> None:
-        value = float(engine.state.metrics[engine.state.key_metric_name])
+        value = float(engine.state.metrics.get(self.metric_name, float("nan")))
+        if not math.isfinite(value):  # never NaN (see ValidationMetrics); -inf still saves a first artefact
+            value = -math.inf
         if self.best is not None and not value > self.best:
             return
         self.best = value
-        meta = {**self.meta, "epoch": engine.state.epoch, "best_metric": value}
+        meta = {
+            **self.meta,
+            "epoch": engine.state.epoch,
+            "best_metric": value if math.isfinite(value) else None,
+            "metric_name": self.metric_name,
+        }
         if is_injected(self.network):
             path = save_delta(self.output_dir / BEST_DELTA_FILE, extract_delta(self.network, meta))
         else:

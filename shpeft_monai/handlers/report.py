@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, write_json
 from ..report import classification_metrics, write_report
 
 if TYPE_CHECKING:
@@ -68,10 +68,11 @@ class TrainingHistory:
             "train_loss": float(np.mean(self._losses or [np.nan])),
         }
         if self.validator is not None:
-            row.update({f"val_{k}": float(v) for k, v in self.validator.state.metrics.items()})
+            metrics = self.validator.state.metrics.items()
+            row.update({(k if k.startswith("val_") else f"val_{k}"): float(v) for k, v in metrics})
         self._losses = []
         self.history = [h for h in self.history if h["epoch"] < row["epoch"]] + [row]
-        atomic_write_text(self.path, json.dumps(self.history, indent=1))
+        write_json(self.path, self.history)  # standard JSON: an undefined metric is null, never NaN
 
 
 class _RunCollector:
