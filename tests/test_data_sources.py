@@ -142,6 +142,16 @@ def test_explicit_class_names_order_string_labels(four_classes):
     assert all(Path(e["image"]).parent.name == order[e["label"]] for s in SPLITS for e in ds.splits[s])
 
 
+def test_digit_string_labels_are_class_indices(tmp_path):
+    with open(tmp_path / "t.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(("image", "label"))
+        w.writerows((_noise_png(tmp_path / f"{i}.png", i).name, str(i % 11)) for i in range(44))
+    ds = open_dataset(tmp_path / "t.csv", val_fraction=0.25, test_fraction=0.25)
+    assert ds.class_names == tuple(str(i) for i in range(11))  # numeric order: "10" is the last class
+    assert all(e["label"] == int(Path(e["image"]).stem) % 11 for s in SPLITS for e in ds.splits[s])
+
+
 def test_integer_labels_are_named_by_explicit_class_names(tmp_path):
     spec = {
         "training": [{"image": _noise_png(tmp_path / f"{i}.png", i).name, "label": i % 3} for i in range(15)]
@@ -222,13 +232,14 @@ def test_duplicate_within_a_split_is_warned(tmp_path, caplog):
     again, c = tmp_path / "a_again.png", _noise_png(tmp_path / "c.png", 2)
     train = [str(a), str(a), str(again), str(b)]  # a listed twice, and a byte-identical copy of a
     splits = {
-        "train": [{"image": p, "label": 0} for p in train],
+        "train": [{"image": p, "label": int(p == str(again))} for p in train],
         "test": [{"image": str(c), "label": 0}],
     }
     with caplog.at_level(logging.WARNING):
         warnings = check_splits(splits)
     assert any(f"lists {a} 2 times" in w for w in warnings)
     assert any("byte-identical" in w and str(again) in w and str(a) in w for w in warnings)
+    assert all("with different labels (0, 1)" in w for w in warnings)  # the copy is labelled otherwise
     assert len(warnings) == 2 and all(w in caplog.text for w in warnings)
 
 

@@ -1,12 +1,13 @@
 """Class names and integer labels of a user's data, checked against explicit ``class_names``/``num_classes``.
 
-Integer labels are class indices: the classes are ``0 .. max label`` (named by the data's or the user's
-names). String labels are class names: they map to indices in the order of the explicit ``class_names``,
+Integer labels (and strings of digits, unless they are the given class names) are class indices: the
+classes are ``0 .. max label`` (named by the data's or the user's names). Other string labels are class names: they map to indices in the order of the explicit ``class_names``,
 else the data's declared ``classes``, else the sorted unique label strings.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from ._common import DataError
 
+_INT = re.compile(r"^[+-]?\d+$")
 _UNSET_HINT = "leave class_names and num_classes unset to take the classes from the data"
 
 
@@ -58,6 +60,10 @@ def resolve_classes(
     explicit = None if class_names is None else tuple(str(c) for c in class_names)
     if explicit is not None and len(set(explicit)) != len(explicit):
         raise DataError(f"class_names={list(explicit)} repeats a name; give every class once")
+    strs = {lab for lab in labels if isinstance(lab, str)}
+    given_names = set(explicit or declared or ())
+    if strs and all(_INT.match(s) for s in strs) and not strs <= given_names:
+        labels = [int(lab) for lab in labels]  # "0", "1", ... are class indices unless they are the names
     if all(_is_int(lab) for lab in labels):
         ints = [int(lab) for lab in labels]
         if min(ints) < 0:

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 GROUPINGS = ("content", "near_duplicate", "none")
 _IMAGE_COLUMNS = ("image", "path", "file", "filename")
-_INT = re.compile(r"^[+-]?\d+$")
 
 
 @dataclass(frozen=True)
@@ -144,7 +142,6 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str | None]]:
         )
     split_col = columns.get("split")
     raw = [str(r.get(label_col) or "").strip() for r in rows]
-    as_int = all(_INT.match(v) for v in raw)
     entries, given = [], []
     for i, r in enumerate(rows):
         image = str(r.get(image_col) or "").strip()
@@ -154,7 +151,7 @@ def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[str | None]]:
         entries.append(
             {
                 "image": str(p if p.is_absolute() else path.parent.absolute() / p),
-                "label": int(raw[i]) if as_int else raw[i],
+                "label": raw[i],  # digit strings become class indices in resolve_classes
             }
         )
         if split_col is not None:
@@ -309,6 +306,16 @@ def open_dataset(
         for name, e in samples:
             splits[name].append(e)
         how = "committed"
+        for name in SPLIT_NAMES:
+            if not splits[name]:
+                logger.warning(
+                    "open_dataset %s: the source's split has no %r images; metrics on %s will be missing. "
+                    "Give %s images, or only training images to let open_dataset split them",
+                    where,
+                    name,
+                    name,
+                    name,
+                )
     else:
         splits = _make_split([e for _, e in samples], names, grouping, seed, val_fraction, test_fraction)
         how = grouping

@@ -150,25 +150,36 @@ def check_splits(
         >>> check_splits({"train": [{"image": "a.png", "label": 0}], "test": [{"image": "b.png", "label": 0}]})  # doctest: +SKIP
         []
     """
-    entries = [(name, str(s["image"])) for name, lst in splits.items() for s in lst if "image" in s]
+    entries = [
+        (name, str(s["image"]), s.get("label")) for name, lst in splits.items() for s in lst if "image" in s
+    ]
     warnings: list[str] = []
     seen: dict[str, dict[str, list[str]]] = {}  # digest -> split -> paths (in order, with repeats)
-    for name, image in _progress(entries, "checking splits"):
+    labels: dict[str, set[Any]] = {}  # digest -> labels it is given
+    for name, image, label in _progress(entries, "checking splits"):
         path = Path(image)
         if not path.is_file():
             continue
-        seen.setdefault(content_sha256(path), {}).setdefault(name, []).append(image)
+        digest = content_sha256(path)
+        seen.setdefault(digest, {}).setdefault(name, []).append(image)
+        labels.setdefault(digest, set()).add(label)
     leaks = []
-    for where in seen.values():
+    for digest, where in seen.items():
+        labs = sorted(map(str, labels[digest]))
+        conflict = f" with different labels ({', '.join(labs)})" if len(labs) > 1 else ""
         for name, paths in where.items():
             for path, n in Counter(paths).items():
                 if n > 1:
-                    _warn(warnings, f"split {name!r} lists {path} {n} times: it is trained/scored {n} times")
+                    _warn(
+                        warnings,
+                        f"split {name!r} lists {path} {n} times{conflict}: it is trained/scored {n} times",
+                    )
             distinct = list(dict.fromkeys(paths))
             if len(distinct) > 1:
                 _warn(
                     warnings,
-                    f"split {name!r} holds {len(distinct)} byte-identical files: {', '.join(distinct)}",
+                    f"split {name!r} holds {len(distinct)} byte-identical files{conflict}: "
+                    + ", ".join(distinct),
                 )
         if len(where) > 1:
             leaks.append(" <-> ".join(f"{name}: {', '.join(dict.fromkeys(p))}" for name, p in where.items()))
