@@ -30,6 +30,7 @@ from shpeft_monai import (
     trainable_parameters,
 )
 from shpeft_monai.model import head_parameters
+from shpeft_monai.recipe import DEFAULTS
 
 __all__ = [
     "FedSettings",
@@ -54,15 +55,16 @@ class FedSettings:
     checkpoint: str = ""
     img_size: int = 112
     num_classes: int = 2
-    budget: float = 1e-4
-    hybrid: str = "union"
-    rho: float = 0.5
+    budget: float = DEFAULTS.budget
+    hybrid: str = DEFAULTS.hybrid  # the method's defaults live once in shpeft_monai.recipe.DEFAULTS
+    rho: float = DEFAULTS.rho
+    lam: float = DEFAULTS.lam
     calibration_batches: int = 4
     candidate_factor: int = 4
     batch_size: int = 16
-    lr: float = 1e-4  # the bundle default, chosen on validation (README, Benchmarks)
-    head_lr: float = 0.0
-    weight_decay: float = 0.0
+    lr: float = DEFAULTS.lr_selected  # the selected values
+    head_lr: float = DEFAULTS.lr_head  # the dense head (0: same as lr)
+    weight_decay: float = DEFAULTS.wd_selected
     local_epochs: int = 1
     num_server_rounds: int = 3
     num_sites: int = 3
@@ -106,7 +108,9 @@ class FedSettings:
             budget=budget,
             hybrid=self.hybrid,
             rho=self.rho,
+            lam=self.lam,
             calibration_batches=self.calibration_batches,
+            head_warmup_steps=0,  # sites calibrate through the server's shared initial head
             seed=self.seed,
         )
 

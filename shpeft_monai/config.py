@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .recipe import DEFAULTS as _RECIPE
+
 __all__ = ["DEFAULT_ELIGIBLE", "DEFAULT_HEAD", "SHPEFTConfig"]
 
 # Weight matrices of Linear and Conv layers (ViT qkv/proj/fc1/fc2, patch embedding, CNN kernels).
@@ -69,10 +71,10 @@ class SHPEFTConfig:
         True
     """
 
-    budget: float | int = 1e-4
-    hybrid: Literal["union", "weighted", "task_specific", "task_agnostic", "random"] = "union"
-    rho: float = 0.5
-    lam: float = 0.5
+    budget: float | int = _RECIPE.budget
+    hybrid: Literal["union", "weighted", "task_specific", "task_agnostic", "random"] = _RECIPE.hybrid
+    rho: float = _RECIPE.rho
+    lam: float = _RECIPE.lam
     normalize: Literal["rank", "max"] = "rank"
     task_estimator: Literal["l1", "l2"] = "l1"
     taylor: bool = False
@@ -84,7 +86,7 @@ class SHPEFTConfig:
     head: tuple[str, ...] = DEFAULT_HEAD
     calibration_batches: int = 8
     calibration_loss: Literal["ce", "supcon"] = "ce"
-    head_warmup_steps: int = 0
+    head_warmup_steps: int = _RECIPE.head_warmup_steps
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
