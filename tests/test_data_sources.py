@@ -218,7 +218,6 @@ def test_sha256_changes_with_a_label_and_only_then(four_classes):
     changed["test"][0]["label"] = (changed["test"][0]["label"] + 1) % 4
     other = DatasetSplits(changed, ds.class_names, ds.source, ds.kind, ds.grouping)
     assert other.sha256 != ds.sha256
-    assert str(four_classes) not in json.dumps(ds.identity()["sha256"])  # relative paths: movable
 
 
 # ---------------------------------------------------------------------------------------------------------
