@@ -4,7 +4,7 @@ train only those, and ship the result as a tiny sparse delta."""
 from __future__ import annotations
 
 from .config import SHPEFTConfig
-from .io import DeltaFileError, load_delta, save_delta
+from .io import DeltaFileError, MaskFile, load_delta, load_mask, save_delta, save_mask
 from .model import (
     apply_delta,
     eject,
@@ -25,6 +25,7 @@ from .sparse import DeltaMismatchError, SparseDelta, SparseMask
 __all__ = [
     "DeltaFileError",
     "DeltaMismatchError",
+    "MaskFile",
     "SHPEFTConfig",
     "SparseDelta",
     "SparseMask",
@@ -37,9 +38,11 @@ __all__ = [
     "is_injected",
     "load_delta",
     "load_delta_values",
+    "load_mask",
     "mask_summary",
     "merge",
     "save_delta",
+    "save_mask",
     "select_mask",
     "trainable_parameters",
     "trainable_report",
@@ -48,7 +51,18 @@ __version__ = "0.1.0"
 
 # Submodules with heavier imports (timm, MONAI engines) load on first access, so that configs can
 # say `$from shpeft_monai import bundle` without the package importing them up front.
-_LAZY = {"bundle", "data", "handlers", "methods", "networks", "report", "weights"}
+_LAZY = {
+    "bundle",
+    "data",
+    "errors",
+    "handlers",
+    "methods",
+    "networks",
+    "recipe",
+    "report",
+    "run_record",
+    "weights",
+}
 
 
 def __getattr__(name: str):

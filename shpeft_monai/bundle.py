@@ -8,7 +8,6 @@ model rebuilt from base weights + saved artefact for evaluation and inference, a
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 from . import data as _data
 from .errors import RunConfigError, install_excepthook
 from .handlers.checkpoint import load_trainable_state
-from .io import BEST_DELTA_FILE, BEST_TRAINABLE_FILE, load_delta, load_mask
+from .io import BEST_DELTA_FILE, BEST_TRAINABLE_FILE, MASK_FILE, load_delta, load_mask
 from .methods import prepare_method
 from .model import apply_delta, mask_summary
 from .networks import create_network
@@ -125,7 +124,7 @@ def load_trained(network: nn.Module, output_dir: str | Path, run: RunRecord) -> 
 
 def selection_summary(output_dir: str | Path) -> dict[str, Any] | None:
     """Where the selected weights sit (from ``mask.safetensors``), or None for other methods."""
-    path = Path(output_dir) / "mask.safetensors"
+    path = Path(output_dir) / MASK_FILE
     return mask_summary(load_mask(path).mask) if path.is_file() else None
 
 
@@ -141,23 +140,17 @@ def run_summary(output_dir: str | Path, run: RunRecord) -> dict[str, Any]:
         "trained_on": run.data,
         "scored": run.scored,
     }
-    best = out / ("best_delta.safetensors" if method == "shpeft" else "best_trainable.safetensors")
+    best = out / (BEST_DELTA_FILE if method == "shpeft" else BEST_TRAINABLE_FILE)
     if best.is_file():
         facts["artefact_bytes"] = best.stat().st_size
     if method == "shpeft" and best.is_file():
         delta = load_delta(best)
         facts.update(delta.summary())
         facts["best_epoch"] = delta.meta.get("epoch")
-        mask_file = out / "mask.safetensors"
+        mask_file = out / MASK_FILE
         if mask_file.is_file():
             facts["selection_seconds"] = load_mask(mask_file).meta.get("selection_seconds")
     return facts
-
-
-def dump_json(path: str | Path, payload: Any) -> None:
-    from .io import atomic_write_text
-
-    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def device(name: str = "auto") -> torch.device:

@@ -130,6 +130,7 @@ def _train_record(request: Mapping[str, Any]) -> RunRecord:
     )
     datalist = _subsets(ds, request)
     _data.check_splits(datalist, ds.class_names)
+    _every_class_trains(datalist["train"], ds.class_names, source)
     network_name = str(request["network_name"])
     return RunRecord(
         network_name=network_name,
@@ -144,6 +145,20 @@ def _train_record(request: Mapping[str, Any]) -> RunRecord:
         datalist_sha256=datalist_sha256(datalist),
         datalist=datalist,
     )
+
+
+def _every_class_trains(records: list[dict[str, Any]], class_names: tuple[str, ...], source: str) -> None:
+    """A class without a training image is a label typo or a wrong class list, never a silent head."""
+    counts = {i: 0 for i in range(len(class_names))}
+    for r in records:
+        counts[int(r["label"])] = counts.get(int(r["label"]), 0) + 1
+    empty = [f"{class_names[i]!r} (label {i})" for i, n in counts.items() if n == 0]
+    if empty:
+        used = ", ".join(f"label {i}: {n}" for i, n in sorted(counts.items()) if n)
+        raise RunConfigError(
+            f"{source}: class {', '.join(empty)} has no training image (training labels used: {used}). "
+            "Fix the labels in the data, or name only the classes it has."
+        )
 
 
 def _conflicts(recorded: Mapping[str, Any], request: Mapping[str, Any]) -> list[str]:

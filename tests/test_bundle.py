@@ -11,6 +11,7 @@ from monai.bundle import ConfigWorkflow
 
 from shpeft_monai import data as sdata
 from shpeft_monai import load_delta
+from shpeft_monai.io import load_mask
 
 TINY = {
     "img_size": 28,
@@ -56,24 +57,24 @@ def trained(tmp_path_factory):
 def test_training_writes_delta_mask_history(trained) -> None:
     _, out = trained
     delta = load_delta(out / "best_delta.safetensors")
-    mask = load_delta(out / "mask.safetensors").mask
+    mask = load_mask(out / "mask.safetensors").mask
     assert delta.mask.fingerprint == mask.fingerprint
     assert 2000 <= delta.mask.k <= 2300  # 0.01 % of ViT-S/14's eligible weights
     assert delta.head_numel == 384 * 2 + 2
     assert (out / "best_delta.safetensors").stat().st_size < 100_000  # never a full checkpoint
     history = json.loads((out / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1] and "val_val_auc" in history[0]
+    assert [h["epoch"] for h in history] == [1] and "val_auc" in history[0] and "val_selection" in history[0]
 
 
 def test_resume_restores_same_mask_and_continues(trained, tmp_path) -> None:
     bundle, out = trained
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
-    before = load_delta(resumed / "mask.safetensors").mask.fingerprint
+    before = load_mask(resumed / "mask.safetensors").mask.fingerprint
     wf = _run([bundle / "train.yaml"], "training", output_dir=str(resumed), max_epochs=2)
     trainer = wf.parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch == 2
-    assert load_delta(resumed / "mask.safetensors").mask.fingerprint == before
+    assert load_mask(resumed / "mask.safetensors").mask.fingerprint == before
     from shpeft_monai import get_mask
 
     assert get_mask(wf.parser.get_parsed_content("network")).fingerprint == before
@@ -137,5 +138,5 @@ def test_label_out_of_range_fails_before_training(tmp_path) -> None:
             val_subset=0,
             test_subset=0,
         )
-    assert "label 5" in _chain(info.value)
+    assert "label 5" in _chain(info.value) and "no training image" in _chain(info.value)
     assert not (tmp_path / "o" / "mask.safetensors").exists()  # failed before selection and training

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from shpeft_monai import load_delta
+from shpeft_monai.io import load_mask
 from tests.conftest import BUNDLE
 
 TIMEOUT_S = 900
@@ -56,7 +57,7 @@ def test_two_processes_train_with_the_same_mask(tmp_path) -> None:
 
     reported = dict(re.findall(r"rank (\d+) SH-PEFT mask fingerprint ([0-9a-f]+)", log))
     assert set(reported) == {"0", "1"}, log[-4000:]
-    saved = load_delta(out / "mask.safetensors").mask.fingerprint
+    saved = load_mask(out / "mask.safetensors").mask.fingerprint
     best = load_delta(out / "best_delta.safetensors")
     assert reported["0"] == reported["1"] == saved == best.mask.fingerprint
     assert best.meta["epoch"] == 1

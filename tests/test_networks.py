@@ -296,13 +296,12 @@ def test_conversion_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_conversion_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure while writing leaves neither a partial checkpoint nor a temporary file."""
-    import safetensors.torch
+    import os
 
-    def fail_midway(tensors: dict[str, torch.Tensor], filename: str, metadata: object = None) -> None:
-        Path(filename).write_bytes(b"partial")
+    def fail_midway(src: object, dst: object) -> None:  # the temporary file is written, the rename fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", fail_midway)
+    monkeypatch.setattr(os, "replace", fail_midway)
     target = tmp_path / "weights" / "lite0.safetensors"
     with pytest.raises(OSError, match="disk full"):
         convert_efficientnet_lite0(target)
