@@ -71,6 +71,11 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configs(_: argparse.Namespace) -> int:
+    print(BUNDLE)  # inside the installed package: works from `pip install .` as from the checkout
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from .io import FORMAT, MASK_FORMAT, MaskFile, dumps_json, load_artefact
     from .model import mask_summary
@@ -136,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", action="store_true", help="continue a stopped demo instead of starting afresh"
     )
     demo.set_defaults(fn=_demo)
+    sub.add_parser(
+        "configs", help="print the folder of the bundle's configs (train.yaml, evaluate.yaml, overlays/)"
+    ).set_defaults(fn=_configs)
     ins = sub.add_parser("inspect", help="summarise a delta or mask file (or say why it is refused)")
     ins.add_argument("file")
     ins.set_defaults(fn=_inspect)
