@@ -93,30 +93,45 @@ def test_method_overlays_write_to_their_own_output_dir() -> None:
     assert len(set(dirs)) == len(dirs) and default not in dirs
 
 
-def test_efficientnet_overlay_gives_no_img_size_to_the_cnn() -> None:
+def test_efficientnet_overlay_builds_the_cnn_without_img_size() -> None:
+    from shpeft_monai import bundle as sb
+    from shpeft_monai.run_record import RunRecord
+
     parser = _parser("efficientnet_lite0.yaml")
     assert parser.get_parsed_content("network_name") == "tf_efficientnet_lite0"
-    assert "img_size" not in parser["network_def"]
-    assert parser["network_def"]["_target_"] == "shpeft_monai.networks.create_network"
+    run = RunRecord(
+        network_name="tf_efficientnet_lite0",
+        img_size=112,  # the resize only: a CNN takes any input size
+        spatial_dims=2,
+        num_classes=3,
+        class_names=("a", "b", "c"),
+        method="shpeft",
+        lora={},
+        preprocessing={"mean": [0.5] * 3, "std": [0.5] * 3},
+        data={},
+        datalist_sha256="",
+        datalist={},
+    )
+    assert sb.build_network(run).get_classifier().out_features == 3
 
 
-def test_multi_gpu_overlay_points_at_the_right_handlers() -> None:
-    """The overlay addresses train.yaml's handler lists by position: fail loudly if they move."""
+def test_multi_gpu_overlay_holds_only_ddp_samplers_and_steps() -> None:
+    """Rank-0-only handlers are gated in train.yaml (model-zoo style), not by list position in the overlay."""
+    overlay = (OVERLAYS / "multi_gpu.yaml").read_text()
+    assert "#_disabled_" not in overlay and "handlers#" not in overlay
     parser = _parser("multi_gpu.yaml")
-    train = [h["_target_"] for h in parser["train#handlers"]]
-    assert train == [
+    gated = {h["_target_"] for h in parser["train#handlers"] if h.get("_disabled_") == "@is_not_rank0"}
+    assert gated == {
         "ignite.handlers.ProgressBar",
-        "ValidationHandler",
         "StatsHandler",
         "TensorBoardStatsHandler",
         "shpeft_monai.handlers.TrainingHistory",
-        "shpeft_monai.handlers.TrainingCheckpoint",
-    ]
-    assert "_disabled_" not in parser["train#handlers#1"]  # validation runs on every rank
-    assert "_disabled_" not in parser["train#handlers#5"]  # so does resuming
-    validate = [h["_target_"] for h in parser["validate#handlers"]]
-    assert validate == ["StatsHandler", "TensorBoardStatsHandler", "shpeft_monai.handlers.BestArtefactSaver"]
-    assert parser["train#handlers#5#network"] == parser["validate#handlers#2#network"] == "@peft_network"
+    }
+    every_rank = {h["_target_"] for h in parser["train#handlers"] if "_disabled_" not in h}
+    assert {"ValidationHandler", "shpeft_monai.handlers.TrainingCheckpoint"} <= every_rank
+    validate = {h["_target_"]: h.get("_disabled_") for h in parser["validate#handlers"]}
+    assert validate["shpeft_monai.handlers.BestArtefactSaver"] == "@is_not_rank0"
+    assert validate["shpeft_monai.handlers.ValidationMetrics"] is None  # every rank computes its metrics
     assert parser["network#_target_"] == "torch.nn.parallel.DistributedDataParallel"
     assert parser["network#module"] == "@peft_network"
     assert parser["train#dataloader#sampler"] == "@train#sampler"

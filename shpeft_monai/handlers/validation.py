@@ -31,6 +31,17 @@ logger = logging.getLogger(__name__)
 SELECTION_METRIC = "val_selection"
 
 
+def _gather(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate every rank's validation outputs when running distributed (identity otherwise)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return probs, labels
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (probs, labels))
+    return np.concatenate([p for p, _ in parts]), np.concatenate([y for _, y in parts])
+
+
 def validation_metrics(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> dict[str, float]:
     """Accuracy, balanced accuracy (mean recall over the classes present), macro one-vs-rest AUC
     (NaN when undefined) and mean cross-entropy, from integer labels and (N, C) probabilities."""
@@ -101,6 +112,7 @@ class ValidationMetrics:
     def _completed(self, engine: Engine) -> None:
         probs = torch.cat(self._probs).numpy() if self._probs else np.zeros((0, self.num_classes))
         labels = torch.cat(self._labels).numpy() if self._labels else np.zeros(0, dtype=np.int64)
+        probs, labels = _gather(probs, labels)  # sharded validation (DDP): every rank scores all shards
         metrics: dict[str, Any] = validation_metrics(labels, probs, self.num_classes)
         score, rule = selection_score(metrics)
         if not math.isfinite(metrics["val_auc"]) and not self._warned:
