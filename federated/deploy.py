@@ -37,6 +37,8 @@ from typing import Any
 
 import tomllib
 
+from shpeft_monai.io import FEDERATED_REPORT_FILE, write_json
+
 __all__ = ["Deployment", "free_port", "make_certificates", "make_node_keys", "write_flwr_config"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +181,7 @@ def demo_datalists(
         if val_per_site and len(v) > val_per_site:
             v = subsample(v, val_per_site, seed=seed)
         p = out / f"site{i}.json"
-        p.write_text(json.dumps({"train": t, "validation": v}, indent=1))
+        write_json(p, {"train": t, "validation": v})
         paths.append(p)
     return paths
 
@@ -420,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_id = d.run(run_cfg)
         print(f"run {run_id} submitted to {d.address}; logs in {d.logs}", flush=True)
         print(d.wait_run(run_id, args.timeout))
-        report = workdir / "out" / "federated.json"
+        report = workdir / "out" / FEDERATED_REPORT_FILE
         if report.is_file():
             print(
                 json.dumps(

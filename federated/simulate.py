@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shpeft_monai.io import FEDERATED_REPORT_FILE, GLOBAL_DELTA_FILE, write_json
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logger.info("sites: %s", site_stats)
     build_model(s)  # convert/cache the weights once before the clients start
 
-    fed_json = out / "federated.json"
+    fed_json = out / FEDERATED_REPORT_FILE
     if args.phase == "federated":
         run_simulation(
             server_app=make_server_app(overrides, eval_records=val, out_dir=out),
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(torch_threads)
     test_loader = make_loader(test, s, train=False)
-    model = apply_delta(build_model(s), load_delta(out / "global_delta.safetensors"))
+    model = apply_delta(build_model(s), load_delta(out / GLOBAL_DELTA_FILE))
     fed_test = evaluate_model(model, test_loader)
     logger.info("federated final delta on test: %s", fed_test)
 
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_seconds": report["seconds"]["total"],
     }
     report["summary"] = summary
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json(out / "report.json", report, indent=2)  # standard JSON (a NaN metric is null)
     plot(report, out / "report.png")
     print(json.dumps(summary, indent=2))
     return report

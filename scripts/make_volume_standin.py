@@ -28,13 +28,14 @@ to the JSON file), which the overlay reads through ``--dataset <folder>/datalist
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from shpeft_monai.io import write_json
 
 logger = logging.getLogger("make_volume_standin")
 
@@ -102,7 +103,7 @@ def build(out_dir: Path, data_dir: Path | None = None) -> Path:
         **splits,
     }
     path = out_dir / "datalist.json"
-    path.write_text(json.dumps(datalist, indent=1) + "\n")
+    write_json(path, datalist)
     counts = {k: len(v) for k, v in splits.items()}
     logger.info("wrote %s (%s samples per split)", path, counts)
     return path
