@@ -42,8 +42,10 @@ def _network(name: str, cfg: dict[str, Any]) -> str:
 
 
 def _lr(r: dict[str, Any]) -> str:
-    head = r.get("lr_head")
-    return f"{r['lr']:g}" if head is None or head == r["lr"] else f"{r['lr']:g} ({head:g})"
+    lr, head = r.get("lr"), r.get("lr_head")
+    if lr is None:
+        return "-"
+    return f"{lr:g}" if head is None or head == lr else f"{lr:g} ({head:g})"
 
 
 def _row(r: dict[str, Any], cfg: dict[str, Any]) -> str:
@@ -99,7 +101,7 @@ def _header(report: dict[str, Any]) -> list[str]:
             else f"AdamW, wd {cfg.get('weight_decay')}; "
         )
         + f"peers' learning rates chosen on validation (seed {cfg['seeds'][0]}) from "
-        f"{cfg['lr_grid']} (full fine-tuning {cfg['lr_grid_full']}"
+        f"{cfg.get('lr_grid', [cfg.get('lr')])} (full fine-tuning {cfg.get('lr_grid_full', [cfg.get('lr_full')])}"
         + (f", linear probe {cfg['lr_grid_probe']}" if "lr_grid_probe" in cfg else "")
         + ").  ",
         "Model selection: best validation ROC-AUC (then accuracy) over epochs; the test split is evaluated "
