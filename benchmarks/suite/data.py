@@ -29,7 +29,16 @@ import torch
 
 from .config import SuiteConfig
 
-__all__ = ["DataSource", "Split", "batches", "content_group", "load_tensors", "open_source", "slug"]
+__all__ = [
+    "DataSource",
+    "Split",
+    "batches",
+    "cache_root",
+    "content_group",
+    "load_tensors",
+    "open_source",
+    "slug",
+]
 
 logger = logging.getLogger("benchmarks.suite")
 SPLITS = ("train", "validation", "test")
@@ -141,15 +150,20 @@ def open_source(cfg: SuiteConfig) -> DataSource:
     return DataSource(slug(cfg.dataset), str(cfg.dataset), names, splits, grouping, identity)
 
 
+def cache_root() -> Path:
+    """``$SHPEFT_CACHE_DIR/bench`` (the library's cache folder rule: ``~/.cache/shpeft-monai`` by default)."""
+    root = os.environ.get("SHPEFT_CACHE_DIR") or Path.home() / ".cache" / "shpeft-monai"
+    return Path(root) / "bench"
+
+
 def _cache_split(items: list[dict[str, Any]], img_size: int, network: str, tag: str) -> Split:
-    from shpeft_monai._assets import cache_dir
     from shpeft_monai.data import image_transforms
     from shpeft_monai.networks import preprocessing
 
     norm = preprocessing(network)
     ident = json.dumps([[d["image"] for d in items], img_size, norm["mean"], norm["std"]])
     digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
-    path = cache_dir() / "bench" / f"{tag}_{img_size}_{digest}.pt"
+    path = cache_root() / f"{tag}_{img_size}_{digest}.pt"
     if path.is_file():
         data = torch.load(path)
         return Split(data["x"], data["y"])
