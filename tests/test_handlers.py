@@ -74,8 +74,7 @@ def test_best_artefact_saver_keeps_the_best_across_a_resume(tmp_path) -> None:
 
         @ev.on(Events.EPOCH_COMPLETED)
         def _metric(engine):
-            engine.state.key_metric_name = "val_auc"
-            engine.state.metrics = {"val_auc": next(scores)}
+            engine.state.metrics = {"val_selection": next(scores)}
 
         BestArtefactSaver(tmp_path, net).attach(ev)
         return ev
