@@ -85,6 +85,11 @@ def test_evaluating_reads_everything_from_output_dir(own_run) -> None:
     assert metrics["scored"]["source"] == str(data) and metrics["scored"]["split"] == "test"
     report = (out / "eval" / "report.md").read_text()
     assert report.startswith("# mri (test split)") and "Br35H" not in report
+    rows = list(csv.DictReader((out / "eval" / "predictions.csv").open()))  # the per-sample audit trail
+    assert [r["image"] for r in rows] == [r["image"] for r in test_split]
+    assert [r["label"] for r in rows] == [CLASSES[r["label"]] for r in test_split]
+    accuracy = sum(r["label"] == r["prediction"] for r in rows) / len(rows)
+    assert accuracy == pytest.approx(metrics["accuracy"])
 
 
 def test_inference_writes_the_runs_class_names(own_run, tmp_path) -> None:

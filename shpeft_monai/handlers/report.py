@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..io import atomic_write_text, write_json
+from ..io import HISTORY_FILE, PREDICTIONS_FILE, atomic_write_text, write_json
 from ..report import classification_metrics, write_report
 
 if TYPE_CHECKING:
@@ -38,11 +38,19 @@ def _batch_outputs(engine: Engine) -> tuple[torch.Tensor, torch.Tensor | None, l
     )
 
 
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    buf = _io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
 class TrainingHistory:
     """Per-epoch mean training loss and the validator's metrics, saved to ``history.json``."""
 
     def __init__(self, output_dir: str | Path, validator: Engine | None = None) -> None:
-        self.path = Path(output_dir) / "history.json"
+        self.path = Path(output_dir) / HISTORY_FILE
         self.validator = validator
         self.history: list[dict[str, Any]] = []
         self._losses: list[float] = []
@@ -119,13 +127,15 @@ class ClassificationReport(_RunCollector):
     def _reset(self, _: Engine) -> None:
         self._probs: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
+        self._paths: list[str] = []
 
     def _collect(self, engine: Engine) -> None:
-        logits, labels, _ = _batch_outputs(engine)
+        logits, labels, paths = _batch_outputs(engine)
         if labels is None:
             raise ValueError("ClassificationReport needs labels; use PredictionWriter for unlabelled data.")
         self._probs.append(torch.softmax(logits, dim=1))
         self._labels.append(labels)
+        self._paths += paths or [""] * len(labels)
 
     def _completed(self, engine: Engine) -> None:
         probs = torch.cat(self._probs).numpy()
@@ -146,6 +156,14 @@ class ClassificationReport(_RunCollector):
             extra=self.extra,
             title=self.title,
         )
+        _write_csv(
+            self.output_dir / PREDICTIONS_FILE,
+            ["image", "label", "prediction", *(f"prob_{c}" for c in self.class_names)],
+            [
+                [path, self.class_names[int(y)], self.class_names[int(p.argmax())], *(f"{v:.6f}" for v in p)]
+                for path, y, p in zip(self._paths, labels, probs)
+            ],
+        )  # per-sample audit trail (and what grouped bootstrap intervals are computed from)
         engine.state.report = {**self.metrics, **self.extra}
         engine.logger.info(
             "evaluation: accuracy %.4f, macro F1 %.4f, AUC %.4f -> %s",
@@ -179,9 +197,7 @@ class PredictionWriter(_RunCollector):
             )
 
     def _completed(self, engine: Engine) -> None:
-        buf = _io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["image", "prediction", *(f"prob_{c}" for c in self.class_names)])
-        writer.writerows(self._rows)
-        atomic_write_text(self.csv_path, buf.getvalue())
+        _write_csv(
+            self.csv_path, ["image", "prediction", *(f"prob_{c}" for c in self.class_names)], self._rows
+        )
         engine.logger.info("wrote %d predictions to %s", len(self._rows), self.csv_path)
