@@ -1,0 +1,239 @@
+"""Seeds through the product path: the MONAI bundle trained and evaluated per method and seed, then
+per-seed figures, grouped bootstrap intervals and paired differences (SH-PEFT minus each peer).
+
+Every run is exactly what a user runs: ``python -m monai.bundle run training`` with the bundle's
+configs (``cpu_demo`` by default) plus the method's overlay and ``--seed``, then ``run evaluating``
+with ``--output_dir`` alone. The test split is scored once per run; the intervals resample the test
+split's near-duplicate groups (Br35H: the committed ``group``; other data: byte-identical files),
+never files (:mod:`benchmarks.stats`).
+
+    python -m benchmarks.bundle_seeds run --seeds 0-4 --methods shpeft,full_finetune,random_mask,linear_probe
+    python -m benchmarks.bundle_seeds report       # -> benchmarks/results/bundle_seeds.{json,md}
+
+A finished run (its ``eval/metrics.json`` exists) is skipped, so the command resumes after a stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import stats
+from shpeft_monai.cli import BUNDLE
+from shpeft_monai.io import DATALIST_FILE, METRICS_FILE, PREDICTIONS_FILE, RUN_FILE, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REFERENCE = "shpeft"
+OVERLAYS = {  # method name -> overlay of the bundle (None: train.yaml's own SH-PEFT defaults)
+    "shpeft": None,
+    "full_finetune": "full_finetune.yaml",
+    "linear_probe": "linear_probe.yaml",
+    "bitfit": "bitfit.yaml",
+    "lora": "lora.yaml",
+    "random_mask": "random_mask.yaml",
+    "task_agnostic": "task_agnostic.yaml",
+    "task_specific": "task_specific.yaml",
+}
+
+
+def _seeds(text: str) -> list[int]:
+    if "-" in text:
+        lo, hi = text.split("-")
+        return list(range(int(lo), int(hi) + 1))
+    return [int(s) for s in text.split(",")]
+
+
+def _bundle(run_id: str, configs: list[Path], out: Path, extra: list[str]) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        str([str(c) for c in configs]),
+    ]
+    cmd += ["--output_dir", str(out), *extra]
+    with open(out.parent / f"{out.name}.{run_id}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run(out_root: Path, methods: list[str], seeds: list[int], base: str, extra: list[str]) -> None:
+    """Train and evaluate every (method, seed) not yet finished; seeds outer so means fill in evenly."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for method in methods:
+            out = out_root / f"{method}_s{seed}"
+            if (out / "eval" / METRICS_FILE).is_file():
+                continue
+            configs = [BUNDLE / "train.yaml"] + ([BUNDLE / "overlays" / base] if base else [])
+            if OVERLAYS[method]:
+                configs.append(BUNDLE / "overlays" / OVERLAYS[method])
+            t0 = time.perf_counter()
+            _bundle("training", configs, out, ["--seed", str(seed), *extra])
+            _bundle("evaluating", [BUNDLE / "train.yaml", BUNDLE / "evaluate.yaml"], out, [])
+            write_json(out / "wall.json", {"seconds": time.perf_counter() - t0})
+            print(f"{method} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def _groups(out: Path, images: list[str]) -> list[Any]:
+    """Near-duplicate group of each scored file: the datalist's ``group`` key, else its content hash."""
+    records = {r["image"]: r for r in json.loads((out / DATALIST_FILE).read_text())["test"]}
+    if all("group" in records.get(i, {}) for i in images):
+        return [records[i]["group"] for i in images]
+    from shpeft_monai.data.grouping import content_sha256
+
+    return [content_sha256(i) for i in images]
+
+
+def collect(out_root: Path) -> dict[str, Any]:
+    """Per method: seeds, per-seed metrics and the (seeds x files) correctness matrix on one test split."""
+    found: dict[str, dict[int, Path]] = {}
+    for d in sorted(out_root.iterdir()):
+        if d.is_dir() and (d / "eval" / METRICS_FILE).is_file():
+            method, _, seed = d.name.rpartition("_s")
+            found.setdefault(method, {})[int(seed)] = d
+    table: dict[str, Any] = {}
+    images_ref: list[str] | None = None
+    for method, runs in found.items():
+        rows, correct, metrics = [], [], []
+        for seed in sorted(runs):
+            out = runs[seed]
+            preds = list(csv.DictReader((out / "eval" / PREDICTIONS_FILE).open()))
+            images = [p["image"] for p in preds]
+            if images_ref is None:
+                images_ref, groups = images, _groups(out, images)
+            if images != images_ref:
+                raise ValueError(f"{out}: scored another test split than the other runs")
+            correct.append([p["label"] == p["prediction"] for p in preds])
+            m = json.loads((out / "eval" / METRICS_FILE).read_text())
+            wall = (
+                json.loads((out / "wall.json").read_text())["seconds"]
+                if (out / "wall.json").is_file()
+                else None
+            )
+            metrics.append({k: m.get(k) for k in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")})
+            rows.append({"seed": seed, **metrics[-1], "best_epoch": m.get("best_epoch"), "seconds": wall})
+        table[method] = {"seeds": sorted(runs), "runs": rows, "correct": np.asarray(correct, dtype=float)}
+    first = next(iter(next(iter(found.values())).values()))
+    run = json.loads((first / RUN_FILE).read_text())
+    train_images = len(json.loads((first / DATALIST_FILE).read_text())["train"])
+    return {"table": table, "groups": groups, "run": run, "train_images": train_images}
+
+
+def summarize(collected: dict[str, Any]) -> dict[str, Any]:
+    table, groups = collected["table"], collected["groups"]
+    methods = {}
+    for method, t in table.items():
+        acc = [r["accuracy"] for r in t["runs"]]
+        methods[method] = {
+            "seeds": t["seeds"],
+            "runs": t["runs"],
+            "accuracy_mean_sd": stats.mean_sd(acc),
+            "auc_mean_sd": stats.mean_sd([r["roc_auc"] for r in t["runs"]]),
+            "f1_mean_sd": stats.mean_sd([r["f1_macro"] for r in t["runs"]]),
+            "min_accuracy": min(acc),
+            "grouped_ci": stats.grouped_bootstrap(t["correct"], groups),
+        }
+    paired = {}
+    if REFERENCE in table:
+        ref = table[REFERENCE]
+        for method, t in table.items():
+            common = [s for s in ref["seeds"] if s in t["seeds"]]
+            if method == REFERENCE or not common:
+                continue
+            a = ref["correct"][[ref["seeds"].index(s) for s in common]]
+            b = t["correct"][[t["seeds"].index(s) for s in common]]
+            paired[method] = {"seeds": common, **stats.paired_difference(a, b, groups)}
+    run = collected["run"]
+    return {
+        "data": run["data"],
+        "network": run["network_name"],
+        "img_size": run["img_size"],
+        "train_images": collected["train_images"],
+        "n_test_files": len(groups),
+        "n_test_groups": len(set(groups)),
+        "methods": methods,
+        "paired_vs_shpeft": paired,
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def render(s: dict[str, Any], command: str) -> str:
+    lines = [
+        "# Seeds through the bundle",
+        "",
+        f"Command: `{command}`. Data: {s['data']['source']} test split, {s['n_test_files']} files in "
+        f"{s['n_test_groups']} near-duplicate groups; {s['network']} at {s['img_size']} px, "
+        f"{s['train_images']} training images. Intervals: 95 % "
+        "grouped (cluster) bootstrap over the test groups of the seed-averaged figure (2,000 replicates).",
+        "",
+        "| method | seeds | test acc % per seed | mean ± sd | grouped 95 % CI | min | test AUC % mean ± sd | F1 % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in s["methods"].items():
+        per = ", ".join(_pct(r["accuracy"]) for r in m["runs"])
+        mean, sd = m["accuracy_mean_sd"]
+        ci = m["grouped_ci"]
+        lines.append(
+            f"| {name} | {len(m['seeds'])} | {per} | {_pct(mean)} ± {_pct(sd)} | [{_pct(ci['low'])}, "
+            f"{_pct(ci['high'])}] | {_pct(m['min_accuracy'])} | {_pct(m['auc_mean_sd'][0])} ± "
+            f"{_pct(m['auc_mean_sd'][1])} | {_pct(m['f1_mean_sd'][0])} |"
+        )
+    if s["paired_vs_shpeft"]:
+        lines += [
+            "",
+            "Paired differences, SH-PEFT minus peer (test accuracy points, same seeds, same test files):",
+            "",
+            "| peer | seeds | per seed | mean ± sd | grouped 95 % CI | excludes 0 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, d in s["paired_vs_shpeft"].items():
+            per = ", ".join(f"{100 * x:+.1f}" for x in d["per_seed"])
+            lines.append(
+                f"| {name} | {d['n_seeds']} | {per} | {100 * d['mean']:+.1f} ± {100 * d['sd']:.1f} | "
+                f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] | {'yes' if d['excludes_zero'] else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=("run", "report"))
+    ap.add_argument("--out", type=Path, default=Path("runs/bundle_seeds"))
+    ap.add_argument("--methods", default="shpeft,full_finetune,random_mask,linear_probe")
+    ap.add_argument("--seeds", default="0-4")
+    ap.add_argument("--base", default="cpu_demo.yaml", help="base overlay ('' for train.yaml alone)")
+    ap.add_argument("--dataset", default=None, help="your data (folder, CSV or datalist) instead of Br35H")
+    ap.add_argument("--results", type=Path, default=RESULTS / "bundle_seeds")
+    args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(OVERLAYS))
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {sorted(OVERLAYS)}")
+    if args.action == "run":
+        extra = ["--dataset", args.dataset] if args.dataset else []
+        run(args.out, methods, _seeds(args.seeds), args.base, extra)
+        return 0
+    summary = summarize(collect(args.out))
+    command = f"python -m benchmarks.bundle_seeds run --methods {args.methods} --seeds {args.seeds}"
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.results.with_suffix(".json"), summary)
+    args.results.with_suffix(".md").write_text(render(summary, command))
+    print(render(summary, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The bundle-seeds report: per-seed figures, grouped intervals and paired differences from run folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import bundle_seeds, stats
+
+IMAGES = [f"/data/img{i}.png" for i in range(6)]
+GROUPS = [0, 0, 1, 2, 2, 3]  # near-duplicate groups of the six test files
+LABELS = ["a", "b", "a", "b", "b", "a"]
+
+
+def _fake_run(root: Path, name: str, correct: list[int], accuracy_json: float | None = None) -> None:
+    out = root / name
+    (out / "eval").mkdir(parents=True)
+    other = {"a": "b", "b": "a"}
+    rows = [[img, y, y if c else other[y], "0.5", "0.5"] for img, y, c in zip(IMAGES, LABELS, correct)]
+    with (out / "eval" / "predictions.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows([["image", "label", "prediction", "prob_a", "prob_b"], *rows])
+    acc = float(np.mean(correct)) if accuracy_json is None else accuracy_json
+    (out / "eval" / "metrics.json").write_text(
+        json.dumps({"accuracy": acc, "balanced_accuracy": acc, "f1_macro": acc, "roc_auc": 0.9})
+    )
+    test = [{"image": i, "label": 0, "group": g} for i, g in zip(IMAGES, GROUPS)]
+    (out / "datalist.json").write_text(json.dumps({"train": [{"image": "t", "label": 0}] * 4, "test": test}))
+    run = {"data": {"source": "br35h", "sizes": {}}, "network_name": "vit", "img_size": 112}
+    (out / "run.json").write_text(json.dumps(run))
+
+
+def test_summary_uses_groups_and_pairs_the_same_seeds(tmp_path) -> None:
+    sh = {0: [1, 1, 1, 1, 0, 1], 1: [1, 1, 0, 1, 1, 1]}
+    peer = {0: [1, 1, 0, 0, 0, 1], 1: [0, 0, 1, 1, 1, 1], 2: [1, 1, 1, 1, 1, 1]}  # seed 2: no SH-PEFT pair
+    for s, c in sh.items():
+        _fake_run(tmp_path, f"shpeft_s{s}", c)
+    for s, c in peer.items():
+        _fake_run(tmp_path, f"random_mask_s{s}", c)
+    summary = bundle_seeds.summarize(bundle_seeds.collect(tmp_path))
+    assert summary["n_test_groups"] == 4 and summary["n_test_files"] == 6 and summary["train_images"] == 4
+    m = summary["methods"]["shpeft"]
+    assert [r["accuracy"] for r in m["runs"]] == pytest.approx([5 / 6, 5 / 6])
+    assert m["grouped_ci"]["n_groups"] == 4
+    d = summary["paired_vs_shpeft"]["random_mask"]
+    assert d["seeds"] == [0, 1] and d["per_seed"] == pytest.approx([2 / 6, 1 / 6])
+    expected = stats.paired_difference(
+        np.array([sh[0], sh[1]]), np.array([peer[0], peer[1]]), GROUPS
+    )  # the same groups and seeds
+    assert d["low"] == pytest.approx(expected["low"]) and d["high"] == pytest.approx(expected["high"])
+    text = bundle_seeds.render(summary, "cmd")
+    assert "| shpeft | 2 | 83.3, 83.3 |" in text and "| random_mask | 2 | +33.3, +16.7 |" in text
+
+
+def test_runs_that_scored_other_files_are_refused(tmp_path) -> None:
+    _fake_run(tmp_path, "shpeft_s0", [1] * 6)
+    _fake_run(tmp_path, "full_finetune_s0", [1] * 6)
+    preds = tmp_path / "shpeft_s0" / "eval" / "predictions.csv"  # read after full_finetune_s0
+    preds.write_text(preds.read_text().replace("img5", "img9"))
+    with pytest.raises(ValueError, match="another test split"):
+        bundle_seeds.collect(tmp_path)
