@@ -70,7 +70,7 @@ def test_same_seed_and_data_give_same_mask() -> None:
 
 def test_union_takes_rho_share_by_task_specific_then_refills_by_magnitude() -> None:
     net = _net()
-    base = dict(head=("7",), calibration_batches=2)
+    base = dict(head=("7",), calibration_batches=2, head_warmup_steps=0)  # the same gradients in both calls
     ts_half = select_mask(
         net, SHPEFTConfig(hybrid="task_specific", budget=30, **base), _loader(), progress=False
     )
@@ -179,7 +179,7 @@ def test_supcon_and_head_warmup_calibration_run_on_timm_vit() -> None:
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, img_size=32, depth=2)
     data = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))] * 2
     for cfg in (
-        SHPEFTConfig(budget=50, calibration_loss="supcon", calibration_batches=2),
+        SHPEFTConfig(budget=50, calibration_loss="supcon", calibration_batches=2, head_warmup_steps=0),
         SHPEFTConfig(budget=50, head_warmup_steps=3, calibration_batches=2),
     ):
         head_before = vit.head.weight.detach().clone()
