@@ -79,13 +79,13 @@ class Recipe:
     head_warmup_steps: int = 20
     lr_selected: float = 1e-2
     wd_selected: float = 1e-4
-    lr_head: float = 1e-2
+    lr_head: float = 1e-3
     wd_head: float = 1e-4
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup: float = 0.0
+    schedule: Literal["constant", "cosine"] = "cosine"
+    warmup: float = 0.1
     min_lr_ratio: float = 0.0
-    grad_clip: float = 0.0
-    label_smoothing: float = 0.0
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.1
     optimizer: Literal["adamw"] = "adamw"
 
     def __post_init__(self) -> None:
