@@ -137,7 +137,9 @@ def _run_engine(
 
     model = _tiny_shpeft(6)
     opt = make_optimizer(model, lr_selected=0.02, wd_selected=0.0, lr_head=0.004, wd_head=0.0)
-    handler = TrainingRecipe(opt, schedule="cosine", warmup=0.2, min_lr_ratio=0.0)
+    handler = TrainingRecipe(
+        opt, schedule="cosine", warmup=0.2, min_lr_ratio=0.0, grad_clip=0.0
+    )  # plain engine
     if resume_at is not None:  # a resumed optimizer carries the lr of its last step
         for g in opt.param_groups:
             g["lr"] = 123.0
