@@ -29,7 +29,7 @@ def update(run_dir: Path, meta_file: Path) -> dict:
     run = json.loads((run_dir / RUN_FILE).read_text())
     meta["eval_metrics"] = measured(run_dir)
     meta["eval_metrics_source"] = (
-        f"`make demo` test split ({run['data']['sizes'].get('test')} images), {run['method']} on "
+        f"test split ({run['data']['sizes'].get('test')} images) of a run at the cpu_demo configuration (what `make demo` runs), {run['method']} on "
         f"{run['network_name']} at {run['img_size']} px"
     )
     return meta
