@@ -29,3 +29,15 @@ class DataError(ValueError):
     def __init__(self, message: str, problems: Sequence[dict[str, Any]] = ()) -> None:
         super().__init__(message)
         self.problems = list(problems)
+
+
+def check_fractions(where: str, val_fraction: float, test_fraction: float) -> None:
+    """Validation and test shares of a split: each in [0, 1), together leaving training data."""
+    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{where}: {name}={frac} must lie in [0, 1)")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"{where}: val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training data; "
+            "keep the sum below 1"
+        )

@@ -25,7 +25,15 @@ from typing import Any
 import numpy as np
 
 from .._assets import package_dir
-from ._common import BR35H_CLASSES, BR35H_FOLDERS, IMAGE_SUFFIXES, SPLIT_NAMES, DataError, Datalist
+from ._common import (
+    BR35H_CLASSES,
+    BR35H_FOLDERS,
+    IMAGE_SUFFIXES,
+    SPLIT_NAMES,
+    DataError,
+    Datalist,
+    check_fractions,
+)
 
 __all__ = ["br35h_root", "class_names", "folder_datalist", "load_split", "num_classes", "subsample"]
 
@@ -167,14 +175,7 @@ def folder_datalist(
     root = Path(root).absolute()
     if not root.is_dir():
         raise FileNotFoundError(f"folder_datalist: root {str(root)!r} is not a folder")
-    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= frac < 1.0:
-            raise ValueError(f"folder_datalist: {name}={frac} must lie in [0, 1)")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(
-            f"folder_datalist: val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training data; "
-            "keep the sum below 1"
-        )
+    check_fractions("folder_datalist", val_fraction, test_fraction)
     if classes is None:
         classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:

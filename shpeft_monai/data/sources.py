@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ._classes import resolve_classes
-from ._common import BR35H_CLASSES, IMAGE_SUFFIXES, SPLIT_NAMES, DataError, Datalist
+from ._common import BR35H_CLASSES, IMAGE_SUFFIXES, SPLIT_NAMES, DataError, Datalist, check_fractions
 from .datalists import _SPLIT_ALIASES, _has_image_suffix, _parse_datalist, br35h_root, load_split
 from .grouping import DEFAULT_THRESHOLD, content_groups, near_duplicate_groups
 from .splitting import check_splits, grouped_split
@@ -244,14 +244,7 @@ def open_dataset(
     """
     if grouping not in GROUPINGS:
         raise ValueError(f"open_dataset: grouping={grouping!r}; use one of {list(GROUPINGS)}")
-    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= frac < 1.0:
-            raise ValueError(f"open_dataset: {name}={frac} must lie in [0, 1)")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(
-            f"open_dataset: val_fraction + test_fraction = {val_fraction + test_fraction} leaves no "
-            "training data; keep the sum below 1"
-        )
+    check_fractions("open_dataset", val_fraction, test_fraction)
     declared: Sequence[str] | None = None
     given: dict[str, Datalist] | None = None
     if str(source).lower() == "br35h":
