@@ -1,7 +1,9 @@
 """Every switch of SH-PEFT (METHOD.md section 2) in one validated, JSON-serialisable dataclass.
 
 The paper gives no formulas or hyper-parameters, so each unknown is a documented switch here and the
-benchmark suite decides the defaults with evidence.
+benchmark suite decides the defaults with evidence. The hybrid rule, its ratios, the budget and the
+head warm-up default to :data:`shpeft_monai.recipe.DEFAULTS` (one set of defaults shared with the
+bundle and the federated app).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ class SHPEFTConfig:
         calibration_loss: ``ce`` (cross-entropy through the head) or ``supcon`` (head-free supervised
             contrastive loss on pooled features, as GPS does).
         head_warmup_steps: optimizer steps on the head alone before calibrating with ``ce``, so
-            that gradients are not driven by a random head.
+            that gradients are not driven by a random head (default
+            ``recipe.DEFAULTS.head_warmup_steps``; the head of the model is changed in place, so
+            give 0 to select twice on the same model from the same starting point).
         seed: seeds the random mask and tie-breaking.
 
     Example:
