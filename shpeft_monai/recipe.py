@@ -336,6 +336,12 @@ class TrainingRecipe:
         if self.grad_clip > 0:
             from monai.engines.utils import IterationEvents
 
+            if IterationEvents.BACKWARD_COMPLETED not in engine._allowed_events:
+                raise ValueError(
+                    f"grad_clip={self.grad_clip} needs an engine that fires MONAI's "
+                    "IterationEvents.BACKWARD_COMPLETED (e.g. monai.engines.SupervisedTrainer); "
+                    "give grad_clip=0 for a plain ignite Engine."
+                )
             if not engine.has_event_handler(self.clip, IterationEvents.BACKWARD_COMPLETED):
                 engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.clip)
 

@@ -196,6 +196,14 @@ def test_gradient_clipping_before_the_optimizer_step() -> None:
     assert len(norms) == 3 and max(norms) <= 0.01 + 1e-6
 
 
+def test_clipping_needs_the_backward_event() -> None:
+    from ignite.engine import Engine
+
+    opt = make_optimizer(_tiny_shpeft(4))
+    with pytest.raises(ValueError, match="BACKWARD_COMPLETED"):
+        TrainingRecipe(opt, grad_clip=1.0).attach(Engine(lambda e, b: None))
+
+
 def test_loss_function_label_smoothing() -> None:
     assert recipe.loss_function(0.1).label_smoothing == 0.1
     assert recipe.loss_function().label_smoothing == DEFAULTS.label_smoothing
