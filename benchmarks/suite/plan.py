@@ -51,9 +51,17 @@ class RunSpec:
 
 
 def val_key(m: dict[str, Any]) -> tuple[float, float]:
-    """Validation ordering: ROC-AUC (NaN is worst), then accuracy."""
-    auc = m["roc_auc"] if m["roc_auc"] == m["roc_auc"] else -1.0
-    return (auc, m["accuracy"])
+    """Validation ordering: the bundle's selection score (mean of AUC and balanced accuracy, so a
+    collapsed model never wins; balanced accuracy alone when AUC is undefined), then accuracy.
+    Results without balanced accuracy (the historical JSON files) use accuracy in its place."""
+    from shpeft_monai.handlers.validation import selection_score
+
+    auc = m.get("roc_auc")
+    bacc = m.get("balanced_accuracy", m.get("accuracy"))
+    score, _ = selection_score(
+        {"val_auc": float("nan") if auc is None else auc, "val_balanced_accuracy": bacc}
+    )
+    return (score, m["accuracy"])
 
 
 def chosen_lr(results: dict[str, dict[str, Any]], specs: list[RunSpec]) -> float | None:

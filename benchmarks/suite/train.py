@@ -30,7 +30,9 @@ from .plan import RunSpec, val_key
 __all__ = ["artefact_bytes", "make_optimizer", "run_one"]
 
 logger = logging.getLogger("benchmarks.suite")
-SELECTION_RULE = "max validation (roc_auc, accuracy), earliest epoch on ties"
+SELECTION_RULE = (
+    "max validation (mean of roc_auc and balanced accuracy, then accuracy), earliest epoch on ties"
+)
 
 
 @torch.inference_mode()
@@ -47,7 +49,9 @@ def _metrics(split: Split, probs: np.ndarray, class_names: list[str]) -> dict[st
     from shpeft_monai.report import classification_metrics
 
     m = classification_metrics(split.y.tolist(), probs, class_names)
-    return {k: m[k] for k in ("n", "accuracy", "f1_macro", "roc_auc", "confusion_matrix")}
+    return {
+        k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "confusion_matrix")
+    }
 
 
 def artefact_bytes(model: nn.Module, method: str) -> int:
