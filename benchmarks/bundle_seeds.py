@@ -132,7 +132,7 @@ def collect(out_root: Path) -> dict[str, Any]:
 def summarize(collected: dict[str, Any]) -> dict[str, Any]:
     table, groups = collected["table"], collected["groups"]
     methods = {}
-    for method, t in table.items():
+    for method, t in sorted(table.items(), key=lambda kv: list(OVERLAYS).index(kv[0])):  # SH-PEFT first
         acc = [r["accuracy"] for r in t["runs"]]
         methods[method] = {
             "seeds": t["seeds"],
