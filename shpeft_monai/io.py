@@ -50,8 +50,7 @@ __all__ = [
     "FORMAT",
     "GLOBAL_DELTA_FILE",
     "HISTORY_FILE",
-    "LAST_OPTIMIZER_FILE",
-    "LAST_TRAINABLE_FILE",
+    "LAST_STATE_FILE",
     "LAST_TRAINER_FILE",
     "MASK_FILE",
     "MASK_FORMAT",
@@ -83,8 +82,7 @@ _RETIRED = {"shpeft-delta/1": "its checksum covered the tensors but not the conf
 MASK_FILE = "mask.safetensors"
 BEST_DELTA_FILE = "best_delta.safetensors"
 BEST_TRAINABLE_FILE = "best_trainable.safetensors"
-LAST_TRAINABLE_FILE = "last_trainable.safetensors"
-LAST_OPTIMIZER_FILE = "last_optimizer.pt"
+LAST_STATE_FILE = "last_state.pt"  # trainable + optimizer state + counters, one atomic file (weights_only)
 LAST_TRAINER_FILE = "last_trainer.json"
 HISTORY_FILE = "history.json"
 RUN_FILE = "run.json"

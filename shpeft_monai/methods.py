@@ -22,9 +22,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import SHPEFTConfig
-from .io import MASK_FILE, load_mask, save_mask
+from .io import LAST_STATE_FILE, MASK_FILE, load_mask, save_mask
 from .model import head_parameters, inject, mask_summary
-from .pipeline import select_mask
+from .pipeline import select_mask, warm_up_head_for_selection
 
 __all__ = [
     "METHODS",
@@ -148,6 +148,9 @@ def prepare_method(
         if mask_file is not None and mask_file.is_file():
             mask = load_mask(mask_file).mask
             logger.info("SH-PEFT: resuming with the saved mask %s (k=%d)", mask_file, mask.k)
+            if not (Path(output_dir) / LAST_STATE_FILE).is_file():
+                # stopped after selection, before the first checkpoint: start the head where it was
+                warm_up_head_for_selection(model, cfg, calib_loader, device=device, progress=progress)
         else:
             mask = select_mask(model, cfg, calib_loader, device=device, progress=progress)
             if mask_file is not None:

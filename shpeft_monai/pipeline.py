@@ -30,9 +30,37 @@ from .scoring import task_agnostic_scores
 from .selection import select_indices
 from .sparse import SparseMask
 
-__all__ = ["select_mask"]
+__all__ = ["select_mask", "warm_up_head_for_selection"]
 
 logger = logging.getLogger(__name__)
+
+
+def warm_up_head_for_selection(
+    model: nn.Module,
+    config: SHPEFTConfig,
+    loader: Iterable | None,
+    *,
+    device: torch.device | str | None = None,
+    prepare_batch: Callable = default_prepare_batch,
+    progress: bool = True,
+) -> bool:
+    """The head-only warm-up that :func:`select_mask` runs before calibrating (``ce`` loss,
+    ``head_warmup_steps > 0``, task data needed). A run resumed from a saved mask but from no
+    checkpoint calls it again, so that its head starts where the uninterrupted run's did."""
+    if not (config.needs_task_data and config.calibration_loss == "ce" and config.head_warmup_steps):
+        return False
+    if loader is None:
+        return False
+    warm_up_head(
+        model,
+        loader,
+        head_parameters(model, config),
+        config.head_warmup_steps,
+        device=device or next(model.parameters()).device,
+        prepare_batch=prepare_batch,
+        progress=progress,
+    )
+    return True
 
 
 def select_mask(
@@ -64,16 +92,9 @@ def select_mask(
                 f"hybrid={config.hybrid!r} (rho={config.rho}, lam={config.lam}) uses task-specific "
                 "importance: pass a calibration loader, or use hybrid='task_agnostic'."
             )
-        if config.calibration_loss == "ce" and config.head_warmup_steps:
-            warm_up_head(
-                model,
-                loader,
-                head_parameters(model, config),
-                config.head_warmup_steps,
-                device=device or next(model.parameters()).device,
-                prepare_batch=prepare_batch,
-                progress=progress,
-            )
+        warm_up_head_for_selection(
+            model, config, loader, device=device, prepare_batch=prepare_batch, progress=progress
+        )
         ts = calibrate(
             model,
             loader,

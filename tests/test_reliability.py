@@ -471,7 +471,7 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
     ref = _train(script, ref_dir)
     victim = _train(script, run_dir, pause=0.1, start_new_session=True)
     deadline = time.monotonic() + 90
-    while not (run_dir / "last_trainer.json").is_file():
+    while not (run_dir / "last_trainer.json").is_file():  # written after last_state.pt
         assert victim.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
         time.sleep(0.02)
     time.sleep(0.15)  # somewhere inside the next epoch (4 steps of >= 0.1 s each)
@@ -493,6 +493,27 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_run(tmp_path):
     a, b = load_delta(ref_dir / "final_delta.safetensors"), load_delta(run_dir / "final_delta.safetensors")
     assert a.mask.fingerprint == b.mask.fingerprint  # same mask (reloaded from mask.safetensors)
     # fixed data order + no randomness in the step + optimizer state restored: bitwise on CPU
+    assert _same_delta(a, b)
+
+
+def test_sigkill_before_the_first_checkpoint_resumes_with_the_warmed_up_head(tmp_path):
+    """Killed after selection (mask saved, head warmed up) but before any checkpoint: the resumed run
+    warms the head up again from the same start, so it ends bitwise where the uninterrupted run does."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref = _train(script, ref_dir)
+    victim = _train(script, run_dir, pause=0.1, start_new_session=True)
+    assert victim.stdout.readline().startswith("epoch 1")  # selection done, first epoch under way
+    time.sleep(0.15)  # inside epoch 1 (4 steps of >= 0.1 s): no checkpoint yet
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.communicate(timeout=30)
+    assert (run_dir / "mask.safetensors").is_file() and not (run_dir / "last_trainer.json").exists()
+    resumed = _train(script, run_dir)
+    out, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, out
+    assert ref.communicate(timeout=120)[0] and ref.returncode == 0
+    a, b = load_delta(ref_dir / "final_delta.safetensors"), load_delta(run_dir / "final_delta.safetensors")
     assert _same_delta(a, b)
 
 

@@ -4,7 +4,9 @@
   the SH-PEFT delta (``best_delta.safetensors``, the inference and federated artefact); for other
   methods the trained parameters (``best_trainable.safetensors``). Never a full SH-PEFT checkpoint.
 * :class:`TrainingCheckpoint` (training handler): after every epoch saves the trainable state, the
-  optimizer state and the trainer's counters (``last_*``); with ``resume=True`` a restarted run
+  optimizer state and the trainer's counters in one atomic file (``last_state.pt``, read back with
+  ``weights_only=True``; ``last_trainer.json`` is a readable copy of the counters); with
+  ``resume=True`` a restarted run
   loads them on start and continues from the next epoch. The mask comes back from
   ``mask.safetensors`` (see ``prepare_method``), so the resumed run trains the same weights.
 """
@@ -24,8 +26,7 @@ from safetensors.torch import load_file, save
 from ..io import (
     BEST_DELTA_FILE,
     BEST_TRAINABLE_FILE,
-    LAST_OPTIMIZER_FILE,
-    LAST_TRAINABLE_FILE,
+    LAST_STATE_FILE,
     LAST_TRAINER_FILE,
     atomic_write_bytes,
     dumps_json,
@@ -127,9 +128,8 @@ class TrainingCheckpoint:
         self.resume = resume
 
     @property
-    def files(self) -> tuple[Path, Path, Path]:
-        d = self.output_dir
-        return d / LAST_TRAINABLE_FILE, d / LAST_OPTIMIZER_FILE, d / LAST_TRAINER_FILE
+    def files(self) -> tuple[Path, Path]:
+        return self.output_dir / LAST_STATE_FILE, self.output_dir / LAST_TRAINER_FILE
 
     def attach(self, engine: Engine) -> None:
         from ignite.engine import Events
@@ -140,26 +140,27 @@ class TrainingCheckpoint:
                 engine.add_event_handler(Events.STARTED, self._load)
 
     def _save(self, engine: Engine) -> None:
-        trainable, optim, trainer = self.files
-        _save_trainable(trainable, self.network, {"epoch": engine.state.epoch})
-        buf = _io.BytesIO()
-        torch.save(self.optimizer.state_dict(), buf)
-        atomic_write_bytes(optim, buf.getvalue())
-        # the counters last: a kill between the writes resumes from the previous complete epoch
-        state = {
+        """One atomic file holds the trainable state, the optimizer state and the counters, so a kill
+        at any moment leaves either the previous epoch's complete state or this one's, never a mix."""
+        state_file, trainer = self.files
+        counters = {
             "epoch": engine.state.epoch,
             "iteration": engine.state.iteration,
             "max_epochs": engine.state.max_epochs,
         }
-        write_json(trainer, state)
+        buf = _io.BytesIO()
+        state = {"trainable": trainable_state(self.network), "optimizer": self.optimizer.state_dict()}
+        torch.save({**state, **counters}, buf)
+        atomic_write_bytes(state_file, buf.getvalue())
+        write_json(trainer, counters)  # a readable marker; the state file is authoritative
 
     def _load(self, engine: Engine) -> None:
-        trainable, optim, trainer = self.files
-        if not trainer.is_file() or engine.state.epoch > 0:  # nothing saved, or already running
+        state_file, _ = self.files
+        if not state_file.is_file() or engine.state.epoch > 0:  # nothing saved, or already running
             return
-        state = json.loads(trainer.read_text())
-        load_trainable_state(self.network, trainable)
-        self.optimizer.load_state_dict(torch.load(optim, map_location="cpu", weights_only=True))
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        restore_trainable_state(self.network, state["trainable"], source=str(state_file))
+        self.optimizer.load_state_dict(state["optimizer"])
         engine.state.epoch = int(state["epoch"])
         engine.state.iteration = int(state["iteration"])
         engine.logger.info("resumed from %s at epoch %d", self.output_dir, engine.state.epoch)
