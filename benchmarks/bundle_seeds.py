@@ -41,6 +41,7 @@ OVERLAYS = {  # method name -> overlay of the bundle (None: train.yaml's own SH-
     "random_mask": "random_mask.yaml",
     "task_agnostic": "task_agnostic.yaml",
     "task_specific": "task_specific.yaml",
+    "gps_per_row": "gps_per_row.yaml",
 }
 
 

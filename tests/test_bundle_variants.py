@@ -30,6 +30,7 @@ METHOD_OVERLAYS = {
     "task_specific.yaml": ("shpeft", "task_specific"),
     "task_agnostic.yaml": ("shpeft", "task_agnostic"),
     "random_mask.yaml": ("shpeft", "random"),
+    "gps_per_row.yaml": ("shpeft", "task_specific"),
     "efficientnet_lite0.yaml": ("shpeft", "weighted"),
 }
 TINY = {
