@@ -105,6 +105,16 @@ def _parse_datalist(data: Any, base: Path, source: str) -> dict[str, Datalist]:
     return out
 
 
+def read_datalist_json(path: Path) -> Any:
+    """The parsed JSON of a datalist file; a file that is not JSON is a :class:`DataError`."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(
+            f"{path}: not valid JSON ({exc}); a datalist is a JSON object of split lists"
+        ) from exc
+
+
 def load_split(
     name_or_path: str | os.PathLike[str] = "br35h", root: str | os.PathLike[str] | None = None
 ) -> dict[str, Datalist]:
@@ -139,12 +149,7 @@ def load_split(
         raise FileNotFoundError(
             f"load_split: {str(name_or_path)!r} is neither 'br35h', a JSON datalist file nor a class folder"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(
-            f"{path}: not valid JSON ({exc}); a datalist is a JSON object of split lists"
-        ) from exc
+    data = read_datalist_json(path)
     base = Path(root) if root is not None else path.parent
     return _parse_datalist(data, base.absolute(), str(path))
 

@@ -32,7 +32,14 @@ import numpy as np
 
 from ._classes import resolve_classes
 from ._common import BR35H_CLASSES, IMAGE_SUFFIXES, SPLIT_NAMES, DataError, Datalist, check_fractions
-from .datalists import _SPLIT_ALIASES, _has_image_suffix, _parse_datalist, br35h_root, load_split
+from .datalists import (
+    _SPLIT_ALIASES,
+    _has_image_suffix,
+    _parse_datalist,
+    br35h_root,
+    load_split,
+    read_datalist_json,
+)
 from .grouping import DEFAULT_THRESHOLD, content_groups, near_duplicate_groups
 from .splitting import check_splits, grouped_split
 
@@ -267,12 +274,7 @@ def open_dataset(
                     given[s].append(e)
         else:
             kind = "datalist"
-            try:
-                data = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise DataError(
-                    f"{path}: not valid JSON ({exc}); a datalist is a JSON object of split lists"
-                ) from exc
+            data = read_datalist_json(path)
             if isinstance(data, dict) and isinstance(data.get("classes"), list):
                 declared = [str(c) for c in data["classes"]]
             given = _parse_datalist(data, path.parent, str(path))
