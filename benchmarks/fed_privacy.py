@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -35,32 +36,35 @@ SITE_EXAMPLES = (96, 80, 64)
 
 
 # ------------------------------------------------------------------------------------------ secagg
-def _site_vector(site: int) -> np.ndarray:
-    """Deterministic stand-in for one site's update: weight-sized values (|x| < 0.2)."""
-    rng = np.random.default_rng(1000 + site)
-    return (rng.normal(0.0, 0.05, size=LENGTH)).clip(-0.2, 0.2).astype(np.float32)
+def _site_vector(site: int, rnd: int) -> np.ndarray:
+    """Deterministic stand-in for one site's update in round ``rnd``: weight-sized values (|x| < 0.3)."""
+    rng = np.random.default_rng(1000 * rnd + site)
+    return (rng.normal(0.0, 0.05, size=LENGTH)).clip(-0.2, 0.2).astype(np.float32) + np.float32(0.05 * rnd)
 
 
 def _secagg_apps(out: Path, clipping_range: float, max_weight: float) -> tuple[Any, Any]:
-    from flwr.app import Context, Message
+    """A ClientApp with ``secaggplus_mod`` and a Message-API ServerApp whose own round loop calls
+    ``SecAggPlusWorkflow`` once per round (no ``DefaultWorkflow``)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message
     from flwr.client.mod import secaggplus_mod
     from flwr.clientapp import ClientApp
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
-    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server import LegacyContext
+    from flwr.server.compat.app_utils import start_update_client_manager_thread
     from flwr.server.strategy import FedAvg as LegacyFedAvg
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-    from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
     from flwr.serverapp import Grid, ServerApp
 
     client = ClientApp(mods=[secaggplus_mod])
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        site = int(context.node_config["partition-id"])
-        fitres = FitRes(
-            Status(Code.OK, ""), ndarrays_to_parameters([_site_vector(site)]), SITE_EXAMPLES[site], {}
-        )
+        site, rnd = int(context.node_config["partition-id"]), int(msg.metadata.group_id)
+        params = ndarrays_to_parameters([_site_vector(site, rnd)])
+        fitres = FitRes(Status(Code.OK, ""), params, SITE_EXAMPLES[site], {})
+        # SecAgg+ reads the reply in the legacy FitRes record layout ("fitres.parameters", ...)
         return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
     server = ServerApp()
@@ -68,23 +72,27 @@ def _secagg_apps(out: Path, clipping_range: float, max_weight: float) -> tuple[A
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         n = len(SITE_EXAMPLES)
-        strategy = LegacyFedAvg(
-            initial_parameters=ndarrays_to_parameters([np.zeros(LENGTH, np.float32)]),
-            min_fit_clients=n,
-            min_available_clients=n,
-            fraction_evaluate=0.0,
-        )
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
+        strategy = LegacyFedAvg(min_fit_clients=n, min_available_clients=n, fraction_evaluate=0.0)
+        legacy = LegacyContext(context=context, strategy=strategy)  # the workflow refuses anything else
+        thread, stop, registered = start_update_client_manager_thread(grid, legacy.client_manager)
+        registered.wait()
         secagg = SecAggPlusWorkflow(
             num_shares=n, reconstruction_threshold=2, clipping_range=clipping_range, max_weight=max_weight
         )
-        t0 = time.perf_counter()
-        DefaultWorkflow(fit_workflow=secagg)(grid, legacy)
-        agg = parameters_to_ndarrays(
-            compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], True)
-        )
-        np.save(out / "secagg_aggregate.npy", agg[0])
-        (out / "secagg_seconds.txt").write_text(f"{time.perf_counter() - t0:.2f}")
+        init = compat.parameters_to_arrayrecord(ndarrays_to_parameters([np.zeros(LENGTH, np.float32)]), True)
+        legacy.state.array_records[MAIN_PARAMS_RECORD] = init
+        seconds = []
+        for rnd in (1, 2):
+            legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: rnd})
+            t0 = time.perf_counter()
+            secagg(grid, legacy)
+            seconds.append(time.perf_counter() - t0)
+            record: ArrayRecord = legacy.state.array_records[MAIN_PARAMS_RECORD]
+            agg = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, True))[0]
+            np.save(out / f"secagg_round{rnd}.npy", agg)
+        (out / "secagg_seconds.json").write_text(json.dumps(seconds))
+        stop.set()
+        thread.join()
 
     return server, client
 
@@ -116,15 +124,19 @@ def secagg(clipping_range: float = 8.0, max_weight: float = 100.0) -> dict[str, 
                     os.killpg(proc.pid, sig)
                 time.sleep(1)
         wall = time.perf_counter() - t0
-        result = Path(tmp) / "secagg_aggregate.npy"
-        if rc != 0 or not result.is_file():
+        results = [Path(tmp) / f"secagg_round{r}.npy" for r in (1, 2)]
+        if rc != 0 or not all(f.is_file() for f in results):
             raise SystemExit(f"the SecAgg+ simulation failed (exit code {rc}); see the log above")
-        agg = np.load(result)
-        protocol_s = float((Path(tmp) / "secagg_seconds.txt").read_text())
-    vectors = np.stack([_site_vector(i).astype(np.float64) for i in range(len(SITE_EXAMPLES))])
+        aggs = [np.load(f) for f in results]
+        protocol_s = json.loads((Path(tmp) / "secagg_seconds.json").read_text())
     w = np.asarray(SITE_EXAMPLES, dtype=np.float64)
-    clear = (w[:, None] * vectors).sum(0) / w.sum()
-    err = np.abs(agg - clear)
+    errors, scale = [], []
+    for rnd, agg in zip((1, 2), aggs):
+        vectors = np.stack([_site_vector(i, rnd).astype(np.float64) for i in range(len(SITE_EXAMPLES))])
+        clear = (w[:, None] * vectors).sum(0) / w.sum()
+        errors.append(np.abs(agg - clear))
+        scale.append(vectors.std())
+    err = np.concatenate(errors)
     return {
         "sites": len(SITE_EXAMPLES),
         "examples": list(SITE_EXAMPLES),
@@ -134,9 +146,10 @@ def secagg(clipping_range: float = 8.0, max_weight: float = 100.0) -> dict[str, 
         "max_weight": max_weight,
         "max_abs_error": float(err.max()),
         "mean_abs_error": float(err.mean()),
-        "value_scale_std": float(vectors.std()),
+        "rounds": 2,
+        "value_scale_std": float(min(scale)),
         "quantization_step": 2 * clipping_range / 2**22,
-        "protocol_seconds": protocol_s,
+        "protocol_seconds_per_round": protocol_s,
         "wall_seconds": wall,
     }
 
@@ -146,9 +159,7 @@ def accountant(rounds: int = 3, delta: float = 1e-5) -> list[dict[str, Any]]:
     """Our accountants beside Flower's RdpAccountant and dp_accounting's PLD (None where not installed)."""
     from shpeft_monai.fl.privacy import epsilon, noise_multiplier_for
 
-    sigmas = sorted(
-        {0.5, 1.0, 2.0, 5.0, *(round(noise_multiplier_for(e, rounds, delta), 4) for e in (8.0, 2.0))}
-    )
+    sigmas = sorted({0.5, 1.0, 2.0, 5.0, *(noise_multiplier_for(e, rounds, delta) for e in (8.0, 2.0))})
     rows = []
     for sigma in sigmas:
         row: dict[str, Any] = {"noise_multiplier": sigma, "rounds": rounds, "delta": delta}
@@ -181,23 +192,163 @@ def accountant(rounds: int = 3, delta: float = 1e-5) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------- sweep
+DRIVER = "shpeft_monai.fl.simulate"
+DP_FLAGS = ("--dp-epsilon", "--dp-delta")  # the simulation driver's options (issue 12 wiring)
+
+
+def _label(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def sweep(
+    epsilons: list[float], delta: float, seed: int, out: Path, extra: list[str], driver: str = DRIVER
+) -> list[dict[str, Any]]:
+    """One federated simulation per epsilon (same seed, one at a time); ``inf`` runs without DP."""
+    from shpeft_monai.fl.privacy import noise_multiplier_for
+
+    help_text = subprocess.run(
+        [sys.executable, "-m", driver, "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    missing = [f for f in DP_FLAGS if f not in help_text]
+    if missing:
+        raise SystemExit(f"python -m {driver} has no {missing} option(s): wire DP into the driver first")
+    rows = []
+    for eps in epsilons:
+        run_dir = out / f"eps-{_label(eps)}"
+        cmd = [sys.executable, "-m", driver, "--out", str(run_dir), "--seed", str(seed), *extra]
+        if not math.isinf(eps):
+            cmd += [DP_FLAGS[0], str(eps), DP_FLAGS[1], str(delta)]
+        print("+", " ".join(cmd[1:]), flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=REPO, check=True)
+        report = json.loads((run_dir / "report.json").read_text())
+        test = report["federated_test"]
+        fed = report["federated"]
+        rounds = int(fed["settings"].get("num_server_rounds", 0)) or None
+        rows.append(
+            {
+                "epsilon": None if math.isinf(eps) else eps,
+                "delta": None if math.isinf(eps) else delta,
+                "noise_multiplier_expected": (
+                    0.0 if math.isinf(eps) or rounds is None else noise_multiplier_for(eps, rounds, delta)
+                ),
+                "privacy_reported": fed.get("privacy"),
+                "rounds": rounds,
+                "test_accuracy": test.get("accuracy"),
+                "test_macro_f1": test.get("f1"),
+                "test_auc": test.get("auc"),
+                "test_images": report.get("test_images"),
+                "accuracy_per_round": fed.get("accuracy_per_round"),
+                "rejected_replies": fed.get("rejected_replies"),
+                "command": "python -m " + " ".join([driver, *cmd[3:]]),
+                "wall_seconds": time.perf_counter() - t0,
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- results
+def _update_results(key: str, value: Any, command: str) -> None:
+    from benchmarks.common import machine_facts, package_version, write_json
+
+    path = RESULTS / "fed_privacy.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    versions = {p: package_version(p) for p in ("flwr", "dp-accounting")}
+    data[key] = {"command": command, "result": value, "versions": versions, "machine": machine_facts()}
+    write_json(path, data, indent=2)
+    (RESULTS / "fed_privacy.md").write_text(render(data))
+
+
+def _f(x: Any, fmt: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def render(data: dict[str, Any]) -> str:
+    """Markdown report of whatever parts ``fed_privacy.json`` holds."""
+    lines = [
+        "# Federated SH-PEFT: privacy benchmarks",
+        "",
+        "Written by `benchmarks/fed_privacy.py`; see docs/federated_privacy.md.",
+        "",
+    ]
+    if "sweep" in data:
+        lines += ["## Test accuracy against epsilon", "", f"`{data['sweep']['command']}`", ""]
+        lines += [
+            "| epsilon (delta 1e-5) | noise multiplier | test accuracy | macro F1 | AUC | wall (s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in data["sweep"]["result"]:
+            eps = "inf (no DP)" if r["epsilon"] is None else f"{r['epsilon']:g}"
+            z = (r.get("privacy_reported") or {}).get("noise_multiplier", r["noise_multiplier_expected"])
+            lines.append(
+                f"| {eps} | {_f(z)} | {_f(r['test_accuracy'])} | {_f(r['test_macro_f1'])} | {_f(r['test_auc'])} | {_f(r['wall_seconds'], '.0f')} |"
+            )
+        lines.append("")
+    if "accountant" in data:
+        lines += [
+            "## Accountant cross-check (full participation, 3 rounds, delta 1e-5)",
+            "",
+            f"`{data['accountant']['command']}`",
+            "",
+        ]
+        lines += [
+            "| noise multiplier | exact GDP (ours) | dp_accounting PLD | RDP (ours) | Flower RdpAccountant | zCDP (ours) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in data["accountant"]["result"]:
+            lines.append(
+                f"| {r['noise_multiplier']:.4f} | {r['gdp']:.4f} | {_f(r['dp_accounting_pld'], '.4f')} | {r['rdp']:.4f} | {_f(r['flwr_rdp'], '.4f')} | {r['zcdp']:.4f} |"
+            )
+        lines.append("")
+    if "secagg" in data:
+        r = data["secagg"]["result"]
+        lines += ["## SecAgg+ prototype (Flower 1.41, simulation)", "", f"`{data['secagg']['command']}`", ""]
+        lines += [
+            f"- {r['sites']} sites ({r['examples']} examples), a {r['vector_length']}-value vector each, {r['rounds']} rounds "
+            "driven by the ServerApp's own loop (`SecAggPlusWorkflow` called once per round).",
+            f"- Example-weighted mean recovered to max |error| {r['max_abs_error']:.2e} (mean {r['mean_abs_error']:.2e}); "
+            f"quantisation step {r['quantization_step']:.2e} (clipping_range {r['clipping_range']:g}, "
+            f"quantization_range 2^22, max_weight {r['max_weight']:g}); values have std {r['value_scale_std']:.3f}.",
+            f"- Protocol time per round: {', '.join(f'{x:.2f} s' for x in r['protocol_seconds_per_round'])} "
+            f"(the first includes starting the simulated sites); whole run {r['wall_seconds']:.0f} s.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- cli
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["sweep", "accountant", "secagg", "_secagg_run"])
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--clipping-range", type=float, default=8.0)
-    p.add_argument("--max-weight", type=float, default=100.0)
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=Path("runs/fed-privacy"), help="run folder (sweep)")
+    p.add_argument("--epsilons", default="inf,8,2", help="comma-separated; inf = no DP")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--driver", default=DRIVER, help="simulation module run with python -m")
+    p.add_argument("--clipping-range", type=float, default=8.0, help="SecAgg+ clipping range")
+    p.add_argument("--max-weight", type=float, default=100.0, help="SecAgg+ max weight")
+    p.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results alone")
+    args, extra = p.parse_known_args(argv)
+    command = "python -m benchmarks.fed_privacy " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.part == "_secagg_run":
         _secagg_run(args.out, args.clipping_range, args.max_weight)
-    elif args.part == "secagg":
-        print(json.dumps(secagg(args.clipping_range, args.max_weight), indent=2))
+        return
+    if args.part == "secagg":
+        result: Any = secagg(args.clipping_range, args.max_weight)
     elif args.part == "accountant":
-        for row in accountant():
-            print(json.dumps(row))
+        result = accountant(delta=args.delta)
     else:
-        raise SystemExit("sweep: not written yet")
+        try:
+            epsilons = [float(e) for e in args.epsilons.split(",")]
+        except ValueError:
+            p.error(f"--epsilons must be comma-separated numbers or inf, got {args.epsilons!r}")
+        if any(not e > 0 for e in epsilons):
+            p.error(f"--epsilons must be > 0 (inf = no DP), got {args.epsilons!r}")
+        result = sweep(epsilons, args.delta, args.seed, args.out, extra, args.driver)
+    print(json.dumps(result, indent=2))
+    if not args.no_write:
+        _update_results(args.part, result, command)
 
 
 if __name__ == "__main__":
