@@ -192,6 +192,37 @@ def accountant(rounds: int = 3, delta: float = 1e-5) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------- robust
+def robust(seed: int = 0) -> list[dict[str, Any]]:
+    """Shift of each rule's aggregate when one extra site sends 1e3-times-larger finite values, in units
+    of the honest sites' spread (L2 norm of the per-coordinate standard deviation across honest sites).
+
+    Synthetic updates shaped like the simulation's (2,916 values: a shared update of scale 1e-3 plus
+    site scatter of 1e-4); the attacker scales an honest update by 1e3, which validation lets through.
+    """
+    from shpeft_monai.fl.robust import aggregate
+
+    rows = []
+    for honest_n in (2, 4, 5, 9):
+        rng = np.random.default_rng(seed)
+        base = rng.normal(0.0, 1e-3, size=LENGTH)
+        honest = [base + rng.normal(0.0, 1e-4, size=LENGTH) for _ in range(honest_n)]
+        spread = float(np.linalg.norm(np.std(np.stack(honest), axis=0)))
+        for rule, frac in (("mean", 0.2), ("median", 0.2), ("trimmed_mean", 0.2), ("trimmed_mean", 0.34)):
+            clean = aggregate(honest, [96.0] * honest_n, rule, frac)
+            attacked = aggregate([*honest, honest[0] * 1e3], [96.0] * (honest_n + 1), rule, frac)
+            shift = float(np.linalg.norm(attacked - clean))
+            rows.append(
+                {
+                    "sites": honest_n + 1,
+                    "rule": rule,
+                    "trim_fraction": frac if rule == "trimmed_mean" else None,
+                    "shift_over_spread": shift / spread,
+                }
+            )
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- sweep
 DRIVER = "shpeft_monai.fl.simulate"
 DP_FLAGS = ("--dp-epsilon", "--dp-delta")  # the simulation driver's options (issue 12 wiring)
@@ -291,6 +322,9 @@ def render(data: dict[str, Any]) -> str:
             "",
             f"`{data['accountant']['command']}`",
             "",
+            f"flwr {data['accountant']['versions']['flwr']}, dp-accounting "
+            f"{data['accountant']['versions']['dp-accounting']} (n/a columns: that package is not installed).",
+            "",
         ]
         lines += [
             "| noise multiplier | exact GDP (ours) | dp_accounting PLD | RDP (ours) | Flower RdpAccountant | zCDP (ours) |",
@@ -300,6 +334,27 @@ def render(data: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['noise_multiplier']:.4f} | {r['gdp']:.4f} | {_f(r['dp_accounting_pld'], '.4f')} | {r['rdp']:.4f} | {_f(r['flwr_rdp'], '.4f')} | {r['zcdp']:.4f} |"
             )
+        lines.append("")
+    if "robust" in data:
+        lines += [
+            "## Robust aggregation: one site sends 1e3-times-larger finite values",
+            "",
+            f"`{data['robust']['command']}`",
+            "",
+        ]
+        lines += [
+            "Shift of the aggregate in units of the honest sites' spread (< 1 meets the issue's target).",
+            "",
+        ]
+        lines += [
+            "| sites (1 attacker) | mean | median | trimmed mean 0.2 | trimmed mean 0.34 |",
+            "|---|---|---|---|---|",
+        ]
+        by_sites: dict[int, list[float]] = {}
+        for r in data["robust"]["result"]:
+            by_sites.setdefault(r["sites"], []).append(r["shift_over_spread"])
+        for n, shifts in sorted(by_sites.items()):
+            lines.append(f"| {n} | " + " | ".join(f"{x:.2f}" for x in shifts) + " |")
         lines.append("")
     if "secagg" in data:
         r = data["secagg"]["result"]
@@ -320,7 +375,7 @@ def render(data: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------- cli
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["sweep", "accountant", "secagg", "_secagg_run"])
+    p.add_argument("part", choices=["sweep", "accountant", "robust", "secagg", "_secagg_run"])
     p.add_argument("--out", type=Path, default=Path("runs/fed-privacy"), help="run folder (sweep)")
     p.add_argument("--epsilons", default="inf,8,2", help="comma-separated; inf = no DP")
     p.add_argument("--delta", type=float, default=1e-5)
@@ -338,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
         result: Any = secagg(args.clipping_range, args.max_weight)
     elif args.part == "accountant":
         result = accountant(delta=args.delta)
+    elif args.part == "robust":
+        result = robust(args.seed)
     else:
         try:
             epsilons = [float(e) for e in args.epsilons.split(",")]
