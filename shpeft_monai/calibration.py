@@ -112,6 +112,46 @@ def warm_up_head(
         model.train(was_training)
 
 
+def _reduce(grad: torch.Tensor, weight: torch.Tensor, estimator: str, taylor: bool) -> torch.Tensor:
+    """One batch's statistic of a dense gradient, computed in place where the gradient is float32."""
+    g = grad.detach()
+    g = g if g.dtype == torch.float32 else g.float()
+    if taylor:
+        g.mul_(weight.detach().float())
+    return g.abs_() if estimator == "l1" else g.square_()
+
+
+def _streaming_hooks(
+    params: Mapping[str, nn.Parameter], acc: dict[str, torch.Tensor], config: SHPEFTConfig, state: dict
+) -> list:
+    """Reduce each gradient into its accumulator as soon as backward has produced it, then free it."""
+
+    def make(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if not state["last"] or p.grad is None:
+                return  # a micro-batch before the last: the batch gradient is still being summed
+            grad, p.grad = p.grad, None
+            _check_finite(name, grad, f"gradient (calibration batch {state['batch']}) of")
+            value = _reduce(grad, p, config.task_estimator, config.taylor)
+            del grad
+            if name in acc:
+                acc[name].add_(value)
+            else:  # first batch: the statistic is the accumulator (0 + x == x exactly)
+                acc[name] = value
+
+        return hook
+
+    return [p.register_post_accumulate_grad_hook(make(n)) for n, p in params.items()]
+
+
+def _micro_batches(
+    x: torch.Tensor, y: torch.Tensor, size: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if not size or size >= x.shape[0]:
+        return [(x, y)]
+    return list(zip(torch.split(x, size), torch.split(y, size)))
+
+
 def calibrate(
     model: nn.Module,
     loader: Iterable,
@@ -122,21 +162,43 @@ def calibrate(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     prepare_batch: Callable = default_prepare_batch,
     progress: bool = True,
+    streaming: bool = True,
+    micro_batch: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Accumulate task-specific importance of ``params`` over the first calibration batches.
+
+    With ``streaming`` (default) each dense gradient is reduced into its float32 accumulator by a
+    post-accumulate-grad hook as soon as the backward pass has produced it, and freed at once: at
+    most one dense gradient is alive besides the accumulators, which are created on first use. The
+    result is bit-identical to ``streaming=False`` (all gradients first, then the reduction).
+    ``micro_batch`` (streaming, ``ce`` loss only) runs each batch in slices of that many samples,
+    each loss scaled by its share of the batch, and reduces the summed gradient after the last
+    slice: the same estimator (the batch gradient) with a fraction of the activation memory, at the
+    price of one dense gradient per tensor during the batch and float rounding of the sum (masks can
+    differ from the whole-batch ones in near-ties).
 
     Returns:
         name -> float32 CPU tensor of the same shape, ``sum |g|`` (l1) or ``sum g^2`` (l2), or the
         Taylor variants.
 
     Raises:
-        ValueError: the loader yields no batch. FloatingPointError: a loss or gradient is NaN/Inf.
+        ValueError: the loader yields no batch, or ``micro_batch`` with ``supcon``.
+        FloatingPointError: a loss or gradient is NaN/Inf.
     """
+    if micro_batch is not None and (micro_batch < 1 or not streaming or config.calibration_loss != "ce"):
+        raise ValueError(
+            f"micro_batch={micro_batch!r}: give an int >= 1 with streaming=True and calibration_loss='ce' "
+            "(a contrastive loss does not split over micro-batches), or None."
+        )
     device = torch.device(device) if device is not None else next(model.parameters()).device
     states = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
-    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    acc: dict[str, torch.Tensor] = {}
+    if not streaming:
+        acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    state = {"last": True, "batch": 0}
     ce = loss_fn or F.cross_entropy
+    handles: list = []
     model.eval()
     try:
         for p in model.parameters():
@@ -144,6 +206,8 @@ def calibrate(
         for p in params.values():
             p.requires_grad_(True)
             p.grad = None
+        if streaming:
+            handles = _streaming_hooks(params, acc, config, state)
         batches = _batches(loader, config.calibration_batches, "calibration")
         for i, batch in enumerate(
             tqdm(
@@ -154,24 +218,40 @@ def calibrate(
                 leave=False,
             )
         ):
+            state["batch"] = i
             x, y = prepare_batch(batch, device)
-            if config.calibration_loss == "supcon":
-                loss = supervised_contrastive_loss(_pooled_features(model, x), y)
-            else:
-                loss = ce(model(x), y)
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(
-                    f"calibration loss is {loss.item()} at batch {i}: check the input data for NaN/Inf."
-                )
-            loss.backward()
-            for n, p in params.items():
-                if p.grad is not None:
-                    _check_finite(n, p.grad, f"gradient (calibration batch {i}) of")
-                    accumulate_gradient(acc[n], p.grad, p, config.task_estimator, config.taylor)
-                    p.grad = None
+            parts = _micro_batches(x, y, micro_batch)
+            for j, (xs, ys) in enumerate(parts):  # one slice's activations alive at a time
+                if config.calibration_loss == "supcon":
+                    loss = supervised_contrastive_loss(_pooled_features(model, xs), ys)
+                else:
+                    loss = ce(model(xs), ys)
+                if len(parts) > 1:
+                    loss = loss * (xs.shape[0] / x.shape[0])
+                _backward(loss, i, state, last=j == len(parts) - 1)
+            if not streaming:
+                for n, p in params.items():
+                    if p.grad is not None:
+                        _check_finite(n, p.grad, f"gradient (calibration batch {i}) of")
+                        accumulate_gradient(acc[n], p.grad, p, config.task_estimator, config.taylor)
+                        p.grad = None
     finally:
+        for h in handles:
+            h.remove()
         for p, s in states.items():
             p.requires_grad_(s)
             p.grad = None
         model.train(was_training)
-    return {n: a.to("cpu") for n, a in acc.items()}
+    for n, p in params.items():  # tensors the loss never reached
+        if n not in acc:
+            acc[n] = torch.zeros_like(p, dtype=torch.float32)
+    return {n: acc.pop(n).to("cpu") for n in params}
+
+
+def _backward(loss: torch.Tensor, i: int, state: dict, *, last: bool) -> None:
+    if not bool(torch.isfinite(loss)):
+        raise FloatingPointError(
+            f"calibration loss is {loss.item()} at batch {i}: check the input data for NaN/Inf."
+        )
+    state["last"] = last
+    loss.backward()

@@ -26,6 +26,7 @@ DEFAULT_HEAD: tuple[str, ...] = ("head", "classifier", "fc", "class_layers", "la
 _CHOICES: dict[str, tuple[str, ...]] = {
     "hybrid": ("union", "weighted", "task_specific", "task_agnostic", "random"),
     "task_estimator": ("l1", "l2"),
+    "task_signal": ("gradient", "activation"),
     "agnostic_estimator": ("l1", "l2"),
     "normalize": ("rank", "max"),
     "threshold": ("global", "per_tensor", "per_row"),
@@ -50,6 +51,10 @@ class SHPEFTConfig:
         normalize: weighted mode, how each score is made comparable: global ``rank`` in [0, 1] or
             division by its ``max``.
         task_estimator: ``l1`` accumulates ``|g|`` over calibration batches, ``l2`` ``g**2``.
+        task_signal: what the task-specific score is made of: ``gradient`` (calibration backward
+            passes, the estimator above) or ``activation`` (forward only, FPS-style
+            ``|w| * mean |input activation|``, or ``w**2 * mean x**2`` with ``l2``; no backward pass,
+            no labels; see :mod:`shpeft_monai.estimators`).
         taylor: use the first-order Taylor term ``|g*w|`` (l1) or ``(g*w)**2`` (l2) instead.
         agnostic_estimator: ``l1`` scores ``|w|``, ``l2`` ``w**2`` of the pretrained weights.
         threshold: ``global`` top-k over all eligible tensors, ``per_tensor`` (the budget split in
@@ -81,6 +86,7 @@ class SHPEFTConfig:
     lam: float = _RECIPE.lam
     normalize: Literal["rank", "max"] = "rank"
     task_estimator: Literal["l1", "l2"] = "l1"
+    task_signal: Literal["gradient", "activation"] = "gradient"
     taylor: bool = False
     agnostic_estimator: Literal["l1", "l2"] = "l1"
     threshold: Literal["global", "per_tensor", "per_row"] = "global"
@@ -120,6 +126,11 @@ class SHPEFTConfig:
         unknown = set(self.eligible) - set(_KINDS)
         if not self.eligible or unknown:
             raise ValueError(f"SHPEFTConfig.eligible={self.eligible!r}: use a non-empty subset of {_KINDS}.")
+        if self.taylor and self.task_signal == "activation":
+            raise ValueError(
+                "SHPEFTConfig.taylor=True is a gradient estimator; task_signal='activation' already "
+                "multiplies by |w|. Use taylor=False or task_signal='gradient'."
+            )
         if self.calibration_batches < 1:
             raise ValueError(f"SHPEFTConfig.calibration_batches={self.calibration_batches!r} must be >= 1.")
         if self.head_warmup_steps < 0:

@@ -25,10 +25,12 @@ from torch import nn
 
 from .calibration import calibrate, default_prepare_batch, warm_up_head
 from .config import SHPEFTConfig
+from .estimators import activation_scores, magnitude_scores
 from .model import backbone_fingerprint, eligible_parameters, head_parameters, mask_summary
 from .scoring import task_agnostic_scores
 from .selection import select_indices
 from .sparse import SparseMask
+from .streaming import stream_select
 
 __all__ = ["select_mask", "warm_up_head_for_selection"]
 
@@ -72,19 +74,29 @@ def select_mask(
     loss_fn: Callable | None = None,
     prepare_batch: Callable = default_prepare_batch,
     progress: bool = True,
+    streaming: bool = True,
+    micro_batch: int | None = None,
 ) -> SparseMask:
     """Select exactly ``config.budget`` backbone weights of ``model`` by SH-PEFT importance.
 
     ``loader`` supplies task data for the calibration pass; it is required whenever the hybrid mode
     uses task-specific importance. With ``head_warmup_steps > 0`` the head is trained alone first
     (the model's head is changed in place: a better starting point for fine-tuning).
+
+    ``streaming`` (default) reduces gradients as backward produces them and scores one tensor at a
+    time (:mod:`.streaming`); ``streaming=False`` is the reference path (every score materialised and
+    concatenated), kept for comparison: both give the same mask. ``micro_batch`` splits calibration
+    batches into slices of that many samples (see :func:`.calibration.calibrate`).
     """
     t0 = time.perf_counter()
     params = eligible_parameters(model, config)
     n_eligible = sum(p.numel() for p in params.values())
     k = config.budget_for(n_eligible)
     fingerprint = backbone_fingerprint(model, config)
-    ta = task_agnostic_scores(params, config.agnostic_estimator)
+    if streaming:
+        ta = magnitude_scores(params, config.agnostic_estimator)
+    else:
+        ta = task_agnostic_scores(params, config.agnostic_estimator)
     ts = None
     if config.needs_task_data:
         if loader is None:
@@ -95,17 +107,26 @@ def select_mask(
         warm_up_head_for_selection(
             model, config, loader, device=device, prepare_batch=prepare_batch, progress=progress
         )
-        ts = calibrate(
-            model,
-            loader,
-            params,
-            config,
-            device=device,
-            loss_fn=loss_fn,
-            prepare_batch=prepare_batch,
-            progress=progress,
-        )
-    picked = select_indices(config, k, ts, ta)
+        if config.task_signal == "activation":
+            ts = activation_scores(
+                model, loader, params, config, device=device, prepare_batch=prepare_batch, progress=progress
+            )
+            if not streaming:
+                ts = {n: ts[n] for n in ts}
+        else:
+            ts = calibrate(
+                model,
+                loader,
+                params,
+                config,
+                device=device,
+                loss_fn=loss_fn,
+                prepare_batch=prepare_batch,
+                progress=progress,
+                streaming=streaming,
+                micro_batch=micro_batch,
+            )
+    picked = stream_select(config, k, ts, ta) if streaming else select_indices(config, k, ts, ta)
     mask = SparseMask(
         picked,
         {n: tuple(params[n].shape) for n in picked},
