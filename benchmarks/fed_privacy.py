@@ -235,7 +235,11 @@ def _label(eps: float) -> str:
 def sweep(
     epsilons: list[float], delta: float, seed: int, out: Path, extra: list[str], driver: str = DRIVER
 ) -> list[dict[str, Any]]:
-    """One federated simulation per epsilon (same seed, one at a time); ``inf`` runs without DP."""
+    """One federated simulation per epsilon (same seed, one at a time); ``inf`` runs without DP.
+
+    The centralised and local-only references are skipped (``--no-baselines``): they do not depend
+    on epsilon and are in ``benchmarks/results/fed_sim.json``. ``extra`` goes to the driver as is.
+    """
     from shpeft_monai.fl.privacy import noise_multiplier_for
 
     help_text = subprocess.run(
@@ -247,7 +251,17 @@ def sweep(
     rows = []
     for eps in epsilons:
         run_dir = out / f"eps-{_label(eps)}"
-        cmd = [sys.executable, "-m", driver, "--out", str(run_dir), "--seed", str(seed), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            driver,
+            "--out",
+            str(run_dir),
+            "--seed",
+            str(seed),
+            "--no-baselines",
+            *extra,
+        ]
         if not math.isinf(eps):
             cmd += [DP_FLAGS[0], str(eps), DP_FLAGS[1], str(delta)]
         print("+", " ".join(cmd[1:]), flush=True)
