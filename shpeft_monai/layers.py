@@ -1,193 +1,215 @@
-"""Sparse-delta layers: train k selected entries of a frozen weight without its dense gradient.
+"""Sparse-delta layers: train k selected entries of a frozen weight; each layer owns its lifecycle.
 
-Design (DESIGN.md, "Principles"):
+SH-PEFT (arXiv:2405.17877) trains a small set of existing weights. Every site is a
+:class:`SparseDeltaLayer`, which, like a Hugging Face ``peft`` tuner layer, lists the state it adds
+in one tuple (:attr:`~SparseDeltaLayer.shpeft_state`) and carries its whole lifecycle:
 
-* The base weight stays in place. It holds ``base + delta`` at the selected entries, rewritten in
-  O(k) only when the trainable ``delta`` changed (tracked through its version counter), so the
-  forward pass is the ordinary ``F.linear``/``F.conv2d`` with no copy of W.
-* The backward pass returns the input gradient and the gradient of the k selected entries only.
-  For a Linear layer, entry (r, c) of the weight gradient is ``sum_t grad_out[t, r] * x[t, c]``; for
-  a Conv2d layer the same sum runs over the unfolded input patch. The dense weight gradient is never
-  formed, and only the input columns (channels) that selected entries touch are saved.
-* Layers outside the fast paths (Conv1d/3d, convs with custom padding such as timm's
-  ``Conv2dSame``, biases, norms, embeddings) use :class:`SparseOverwrite`, a
-  ``torch.nn.utils.parametrize`` fallback: exact, but it materialises ``W`` with the overwritten
-  entries each forward.
+* :meth:`~SparseDeltaLayer.attach` sets a site up on a module's tensor (the tensor is frozen, a
+  trainable ``shpeft_delta`` of k values appears);
+* :meth:`~SparseDeltaLayer.detach` tears it down, folding the delta in (``merge=True``) or restoring
+  the base values bit for bit (``merge=False``); either way the module's class, parameter order,
+  ``requires_grad`` flags and attributes are those it had before :meth:`attach`;
+* :meth:`~SparseDeltaLayer.delta_values` / :meth:`~SparseDeltaLayer.load_delta` read and set the
+  trained values; :meth:`~SparseDeltaLayer.merged_values` gives ``base + delta``.
 
-Fast-path modules are re-classed in place (``SparseLinear`` is an ``nn.Linear``), so parameter
-names and ``state_dict`` keys of the base model do not change.
+:mod:`shpeft_monai.model` only decides which tensors get a site (:func:`attach`, :func:`detach`,
+:func:`layer_of`). Two kinds of site:
+
+* fast paths (``nn.Linear``; ``nn.Conv2d`` with zero, integer padding): the module is re-classed in
+  place (:class:`SparseLinear` is an ``nn.Linear``, so parameter names and ``state_dict`` keys do not
+  change), its weight holds ``base + delta`` at the selected entries, rewritten in O(k) only when
+  the delta changed, and :mod:`shpeft_monai._sparse_ops` computes the input gradient and the k entry
+  gradients without the dense weight gradient;
+* :class:`SparseOverwrite`, a ``torch.nn.utils.parametrize`` fallback for every other tensor (Conv1d
+  /3d, custom padding such as timm's ``Conv2dSame``, biases, norms, embeddings): exact, but it
+  materialises the tensor with the overwritten entries at each forward.
+
+Example:
+    >>> lin = nn.Linear(4, 3)
+    >>> site = attach(lin, "weight", torch.tensor([0, 5]))
+    >>> site.delta_values().shape
+    torch.Size([2])
+    >>> detach(lin, "weight", merge=False); type(lin).__name__
+    'Linear'
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
-__all__ = ["SparseConv2d", "SparseLinear", "SparseOverwrite", "fast_path_class"]
+from ._sparse_ops import SparseConv2dFn, SparseLinearFn
 
-_CHUNK = 4096  # selected entries per chunk in the backward pass (bounds T x chunk temporaries)
+__all__ = [
+    "DELTA_NAME",
+    "SparseConv2d",
+    "SparseDeltaLayer",
+    "SparseLinear",
+    "SparseOverwrite",
+    "attach",
+    "detach",
+    "fast_path_class",
+    "layer_of",
+]
+
+DELTA_NAME = "shpeft_delta"  # the trainable parameter of every site (optimizer groups match on it)
 
 
-def _init_site(site: nn.Module, weight: torch.Tensor, index: torch.Tensor) -> None:
-    index = index.to(weight.device, torch.int64)
-    site.register_buffer("shpeft_index", index, persistent=False)
-    site.register_buffer("shpeft_base", weight.detach().reshape(-1)[index].clone().float(), persistent=False)
-    site.shpeft_delta = nn.Parameter(torch.zeros(index.numel(), device=weight.device))
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float32 and lower precisions, float64 for float64: the dtype of the delta."""
+    return torch.promote_types(dtype, torch.float32)
 
 
-class _SparseSite:
-    """Mixin of the fast-path layers: keeps the in-place weight in sync with the delta."""
+class SparseDeltaLayer:
+    """What every sparse site has and does (``peft``'s tuner-layer pattern).
 
+    ``shpeft_state`` names every attribute, buffer and parameter that :meth:`attach` adds;
+    :meth:`detach` removes exactly those.
+    """
+
+    shpeft_state: ClassVar[tuple[str, ...]] = (
+        DELTA_NAME,
+        "shpeft_index",
+        "shpeft_base",
+        "_shpeft_requires_grad",
+    )
+    shpeft_delta: nn.Parameter
     shpeft_index: torch.Tensor
     shpeft_base: torch.Tensor
-    shpeft_delta: nn.Parameter
+
+    @classmethod
+    def attach(cls, module: nn.Module, pname: str, index: torch.Tensor) -> SparseDeltaLayer:
+        """Set up a site on ``module.<pname>`` for the sorted flat ``index``; returns the site."""
+        raise NotImplementedError
+
+    def detach(self, module: nn.Module, pname: str, *, merge: bool) -> None:
+        """Remove the site from ``module.<pname>``, folding the delta in or restoring the base."""
+        raise NotImplementedError
+
+    def _init_state(self, tensor: torch.Tensor, index: torch.Tensor) -> None:
+        index = index.to(tensor.device, torch.int64)
+        self.register_buffer("shpeft_index", index, persistent=False)  # type: ignore[attr-defined]
+        base = tensor.detach().reshape(-1).index_select(0, index).clone()  # in the tensor's own dtype
+        self.register_buffer("shpeft_base", base, persistent=False)  # type: ignore[attr-defined]
+        zeros = torch.zeros(index.numel(), device=tensor.device, dtype=_accumulate_dtype(tensor.dtype))
+        setattr(self, DELTA_NAME, nn.Parameter(zeros))
+
+    def _drop_state(self) -> None:
+        for name in self.shpeft_state:
+            delattr(self, name)
+
+    def merged_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``base + delta`` at the selected entries (summed in float32 or wider), cast to ``dtype``."""
+        acc = self.shpeft_delta.dtype
+        return (self.shpeft_base.to(acc) + self.shpeft_delta.detach()).to(dtype or self.shpeft_base.dtype)
+
+    def delta_values(self) -> torch.Tensor:
+        """The trained values (k entries) as a float32 CPU copy: the payload of a saved delta."""
+        return self.shpeft_delta.detach().to("cpu", torch.float32).clone()
+
+    def load_delta(self, values: torch.Tensor) -> None:
+        """Set the trained values (resume, federated rounds); shape ``(k,)``."""
+        with torch.no_grad():
+            self.shpeft_delta.copy_(torch.as_tensor(values))
+
+
+class _FastPath(SparseDeltaLayer):
+    """Re-classed ``nn.Linear`` / ``nn.Conv2d``: the weight holds ``base + delta`` in place."""
+
+    shpeft_state = (
+        *SparseDeltaLayer.shpeft_state,
+        *("shpeft_rows", "shpeft_cols", "shpeft_colpos", "_shpeft_synced", "_shpeft_base_class"),
+    )
     weight: nn.Parameter
 
+    @classmethod
+    def attach(cls, module: nn.Module, pname: str, index: torch.Tensor) -> SparseDeltaLayer:
+        if fast_path_class(module, pname) is not cls:
+            raise TypeError(f"{cls.__name__} cannot attach to {type(module).__name__}.{pname}.")
+        base_class = type(module)
+        module.__class__ = cls
+        site: _FastPath = module  # type: ignore[assignment]
+        site._shpeft_base_class = base_class
+        site._shpeft_requires_grad = site.weight.requires_grad
+        site.weight.requires_grad_(False)
+        site._init_state(site.weight, index)
+        rows, cols, colpos = site._geometry(site.shpeft_index)
+        for name, t in (("shpeft_rows", rows), ("shpeft_cols", cols), ("shpeft_colpos", colpos)):
+            site.register_buffer(name, t, persistent=False)
+        site._shpeft_synced = None
+        return site
+
+    def _geometry(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(output row of each entry, the input columns to save, each entry's column among them)."""
+        raise NotImplementedError
+
+    def detach(self, module: nn.Module, pname: str, *, merge: bool) -> None:
+        if merge:
+            self._sync_weight()
+        else:
+            self._write(self.shpeft_base)
+        self.weight.requires_grad_(self._shpeft_requires_grad)
+        base_class = self._shpeft_base_class
+        self._drop_state()
+        self.__class__ = base_class
+
+    def _write(self, values: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.weight.view(-1).index_copy_(0, self.shpeft_index, values.to(self.weight.dtype))
+
     def _sync_weight(self) -> None:
+        """Write ``base + delta`` into the weight if the delta changed since the last write."""
         version = (self.shpeft_delta._version, self.shpeft_delta.data_ptr())
-        if getattr(self, "_shpeft_synced", None) != version:
-            with torch.no_grad():
-                new = (self.shpeft_base + self.shpeft_delta.float()).to(self.weight.dtype)
-                self.weight.view(-1).index_copy_(0, self.shpeft_index, new)
+        if self._shpeft_synced != version:
+            self._write(self.merged_values(self.weight.dtype))
             self._shpeft_synced = (self.shpeft_delta._version, self.shpeft_delta.data_ptr())
 
     def restore_base(self) -> None:
         """Write the base values back into the weight (the delta stays as it is)."""
-        with torch.no_grad():
-            self.weight.view(-1).index_copy_(0, self.shpeft_index, self.shpeft_base.to(self.weight.dtype))
+        self._write(self.shpeft_base)
         self._shpeft_synced = None
 
 
-def _entry_grads(go: torch.Tensor, rows: torch.Tensor, xs: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``out[j] = sum over dim 0 (and 2) of go[:, rows[j]] * xs[:, cols[j]]``, chunked over j."""
-    out = torch.empty(rows.numel(), dtype=torch.float32, device=go.device)
-    for s in range(0, rows.numel(), _CHUNK):
-        r, c = rows[s : s + _CHUNK], cols[s : s + _CHUNK]
-        prod = go.index_select(1, r).float() * xs.index_select(1, c).float()
-        out[s : s + _CHUNK] = prod.sum(dim=(0, 2)) if prod.dim() == 3 else prod.sum(0)
-    return out
-
-
-class _SparseLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, delta, rows, ucols, colpos):
-        out = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-        ctx.weight = weight  # a persistent frozen buffer; no copy is saved
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x.detach()[..., ucols] if ctx.needs_input_grad[3] else None, rows, colpos)
-        return out
-
-    @staticmethod
-    def backward(ctx, go):
-        xs, rows, colpos = ctx.saved_tensors
-        grad_x = grad_bias = grad_delta = None
-        if ctx.needs_input_grad[0]:
-            grad_x = go.matmul(ctx.weight.to(go.dtype))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = go.reshape(-1, go.shape[-1]).sum(0)
-        if ctx.needs_input_grad[3]:
-            g2 = go.reshape(-1, go.shape[-1])
-            grad_delta = _entry_grads(g2, rows, xs.reshape(-1, xs.shape[-1]), colpos)
-        return grad_x, None, grad_bias, grad_delta, None, None, None
-
-
-class SparseLinear(nn.Linear, _SparseSite):
+class SparseLinear(nn.Linear, _FastPath):
     """``nn.Linear`` whose selected weight entries are trained through ``shpeft_delta``."""
 
-    def setup_sparse(self, index: torch.Tensor) -> None:
-        self.weight.requires_grad_(False)
-        _init_site(self, self.weight, index)
-        rows = self.shpeft_index // self.in_features
-        cols = self.shpeft_index % self.in_features
-        ucols, colpos = torch.unique(cols, return_inverse=True)
-        self.register_buffer("shpeft_rows", rows, persistent=False)
-        self.register_buffer("shpeft_ucols", ucols, persistent=False)
-        self.register_buffer("shpeft_colpos", colpos, persistent=False)
-        self._shpeft_synced = None
+    def _geometry(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ucols, colpos = torch.unique(index % self.in_features, return_inverse=True)
+        return index // self.in_features, ucols, colpos
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._sync_weight()
         if not torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
-        return _SparseLinearFn.apply(
-            x,
-            self.weight,
-            self.bias,
-            self.shpeft_delta,
-            self.shpeft_rows,
-            self.shpeft_ucols,
-            self.shpeft_colpos,
-        )
+            return super().forward(x)
+        args = (self.shpeft_delta, self.shpeft_rows, self.shpeft_cols, self.shpeft_colpos)
+        return SparseLinearFn.apply(x, self.weight, self.bias, *args)
 
 
-class _SparseConv2dFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, delta, rows, uchan, colpos, conv):
-        stride, padding, dilation, groups = conv
-        w = weight.to(x.dtype)
-        out = F.conv2d(x, w, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
-        ctx.weight, ctx.conv, ctx.x_shape = weight, conv, x.shape
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x.detach()[:, uchan] if ctx.needs_input_grad[3] else None, rows, colpos)
-        return out
-
-    @staticmethod
-    def backward(ctx, go):
-        xs, rows, colpos = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        grad_x = grad_bias = grad_delta = None
-        w = ctx.weight
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(
-                ctx.x_shape, w.to(go.dtype), go, stride, padding, dilation, groups
-            )
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = go.sum(dim=(0, 2, 3))
-        if ctx.needs_input_grad[3]:
-            kh, kw = w.shape[2], w.shape[3]
-            cols = F.unfold(xs, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-            g3 = go.reshape(go.shape[0], go.shape[1], -1)
-            grad_delta = _entry_grads(g3, rows, cols, colpos)
-        return grad_x, None, grad_bias, grad_delta, None, None, None, None
-
-
-class SparseConv2d(nn.Conv2d, _SparseSite):
+class SparseConv2d(nn.Conv2d, _FastPath):
     """``nn.Conv2d`` (zero padding, integer padding) trained at selected entries only."""
 
-    def setup_sparse(self, index: torch.Tensor) -> None:
-        self.weight.requires_grad_(False)
-        _init_site(self, self.weight, index)
+    def _geometry(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out_ch, in_per_group, kh, kw = self.weight.shape
         kk = kh * kw
-        per_entry = in_per_group * kk
-        rows = self.shpeft_index // per_entry  # output channel
-        rest = self.shpeft_index % per_entry
+        rows = index // (in_per_group * kk)  # output channel
+        rest = index % (in_per_group * kk)
         cin = (rows // (out_ch // self.groups)) * in_per_group + rest // kk  # absolute input channel
         uchan, chanpos = torch.unique(cin, return_inverse=True)
-        self.register_buffer("shpeft_rows", rows, persistent=False)
-        self.register_buffer("shpeft_uchan", uchan, persistent=False)
-        self.register_buffer("shpeft_colpos", chanpos * kk + rest % kk, persistent=False)
-        self._shpeft_synced = None
+        return rows, uchan, chanpos * kk + rest % kk  # position in the unfolded saved channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._sync_weight()
         if not torch.is_grad_enabled():
             return self._conv_forward(x, self.weight, self.bias)
         conv = (self.stride, self.padding, self.dilation, self.groups)
-        return _SparseConv2dFn.apply(
-            x,
-            self.weight,
-            self.bias,
-            self.shpeft_delta,
-            self.shpeft_rows,
-            self.shpeft_uchan,
-            self.shpeft_colpos,
-            conv,
-        )
+        args = (self.shpeft_delta, self.shpeft_rows, self.shpeft_cols, self.shpeft_colpos, conv)
+        return SparseConv2dFn.apply(x, self.weight, self.bias, *args)
 
 
-def fast_path_class(module: nn.Module, param_name: str) -> type[nn.Module] | None:
+def fast_path_class(module: nn.Module, param_name: str) -> type[_FastPath] | None:
     """The fast-path class for ``module.<param_name>``, or None when the fallback applies."""
     if param_name != "weight":
         return None
@@ -198,13 +220,68 @@ def fast_path_class(module: nn.Module, param_name: str) -> type[nn.Module] | Non
     return None
 
 
-class SparseOverwrite(nn.Module):
+class SparseOverwrite(nn.Module, SparseDeltaLayer):
     """Parametrisation fallback: ``W -> W`` with ``base + delta`` written at the selected entries."""
 
-    def __init__(self, weight: torch.Tensor, index: torch.Tensor) -> None:
+    shpeft_state = SparseDeltaLayer.shpeft_state
+
+    def __init__(self, tensor: torch.Tensor, index: torch.Tensor) -> None:
         super().__init__()
-        _init_site(self, weight, index)
+        self._init_state(tensor, index)
+        self._shpeft_requires_grad = tensor.requires_grad
+
+    @classmethod
+    def attach(cls, module: nn.Module, pname: str, index: torch.Tensor) -> SparseDeltaLayer:
+        tensor = getattr(module, pname)
+        site = cls(tensor, index)
+        order = (tuple(module._parameters), tuple(module._buffers))
+        site._shpeft_order = order  # restored by detach (removal re-registers the tensor last)
+        tensor.requires_grad_(False)
+        parametrize.register_parametrization(module, pname, site)
+        return site
+
+    def detach(self, module: nn.Module, pname: str, *, merge: bool) -> None:
+        plist = module.parametrizations[pname]
+        if len(plist) > 1:  # someone else's parametrisation stays: drop ours only
+            if merge:
+                raise RuntimeError(
+                    f"cannot merge the SH-PEFT delta of {pname!r}: the tensor carries other "
+                    "parametrisations too; eject() it, or remove the others first."
+                )
+            del plist[next(i for i, p in enumerate(plist) if p is self)]
+            return
+        parametrize.remove_parametrizations(module, pname, leave_parametrized=merge)
+        getattr(module, pname).requires_grad_(self._shpeft_requires_grad)
+        for store, names in zip((module._parameters, module._buffers), self._shpeft_order):
+            for name in names:  # re-insert in the original order
+                if name in store:
+                    store[name] = store.pop(name)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        new = (self.shpeft_base + self.shpeft_delta).to(w.dtype)
+        new = (self.shpeft_base.to(self.shpeft_delta.dtype) + self.shpeft_delta).to(w.dtype)
         return w.reshape(-1).index_put((self.shpeft_index,), new).view_as(w)
+
+
+def layer_of(module: nn.Module, pname: str) -> SparseDeltaLayer:
+    """The site on ``module.<pname>``.
+
+    Raises:
+        LookupError: the tensor carries no SH-PEFT site.
+    """
+    if isinstance(module, _FastPath) and pname == "weight":
+        return module
+    plist = module.parametrizations[pname] if parametrize.is_parametrized(module, pname) else ()
+    for p in plist:
+        if isinstance(p, SparseOverwrite):
+            return p
+    raise LookupError(f"{type(module).__name__}.{pname} carries no SH-PEFT site; inject() a mask first.")
+
+
+def attach(module: nn.Module, pname: str, index: torch.Tensor) -> SparseDeltaLayer:
+    """Set up a site on ``module.<pname>``: the fast path when one applies, else the fallback."""
+    return (fast_path_class(module, pname) or SparseOverwrite).attach(module, pname, index)
+
+
+def detach(module: nn.Module, pname: str, *, merge: bool) -> None:
+    """Tear the site on ``module.<pname>`` down: merge the delta in, or restore the base exactly."""
+    layer_of(module, pname).detach(module, pname, merge=merge)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DeltaMismatchError", "SparseDelta", "SparseMask", "fingerprint_tensors"]
+__all__ = ["DeltaMismatchError", "SparseDelta", "SparseMask", "fingerprint_tensors", "mask_summary"]
 
 
 class DeltaMismatchError(ValueError):
@@ -212,3 +214,27 @@ class SparseDelta:
 
     def __repr__(self) -> str:  # keep logs short
         return f"SparseDelta({json.dumps(self.summary())})"
+
+
+def _block_of(name: str) -> str:
+    m = re.match(r"^(.*?\.\d+)\.", name)
+    return m.group(1) if m else name.split(".", 1)[0]
+
+
+def mask_summary(mask: SparseMask) -> dict[str, Any]:
+    """Counts of selected weights per tensor, per block and per tensor type (numbers stripped)."""
+    by_block: Counter[str] = Counter()
+    by_type: Counter[str] = Counter()
+    for name, count in mask.counts().items():
+        by_block[_block_of(name)] += count
+        by_type[re.sub(r"\.\d+\.", ".*.", name)] += count
+
+    def natural(item: tuple[str, int]) -> list:  # blocks.2 before blocks.10
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", item[0])]
+
+    return {
+        "k": mask.k,
+        "by_tensor": mask.counts(),
+        "by_block": dict(sorted(by_block.items(), key=natural)),
+        "by_type": dict(sorted(by_type.items(), key=natural)),
+    }

@@ -137,3 +137,34 @@ def test_eject_restores_base_weights() -> None:
 
     eject(net)
     assert backbone_fingerprint(net, SHPEFTConfig(head=())) == fp
+
+
+@pytest.mark.parametrize("first", ["conv", "linear"])
+def test_first_layer_computes_no_input_gradient(first: str) -> None:
+    """The images need no gradient: a sparse first layer does no input-gradient GEMM/conv at all."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(4)
+    layer = nn.Conv2d(3, 8, 4, stride=4) if first == "conv" else nn.Linear(48, 8)
+    x = torch.randn(2, 3, 8, 8) if first == "conv" else torch.randn(2, 5, 48)
+    inject(layer, _mask_for(layer, ["weight"], 6), SHPEFTConfig(head=()))
+    loss = layer(x).square().sum()
+    with FlopCounterMode(display=False) as counter:
+        loss.backward()
+    assert counter.get_total_flops() == 0  # entry gradients are elementwise products, not GEMMs
+    assert layer.shpeft_delta.grad is not None and layer.shpeft_delta.grad.abs().sum() > 0
+    x.requires_grad_(True)
+    layer(x).square().sum().backward()
+    assert x.grad is not None  # the same layer does compute it when the input needs one
+
+
+def test_saved_activations_are_only_the_touched_columns() -> None:
+    torch.manual_seed(5)
+    net = nn.Linear(64, 16)
+    mask = SparseMask({"weight": torch.tensor([3, 64 + 3, 200, 900])}, {"weight": (16, 64)})
+    inject(net, mask, SHPEFTConfig(head=()))
+    shapes: list[tuple[int, ...]] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        net(torch.randn(10, 64, requires_grad=True)).sum().backward()
+    cols = {3, 200 % 64, 900 % 64}
+    assert (10, len(cols)) in shapes and not any(s == (10, 64) for s in shapes)

@@ -1,0 +1,121 @@
+"""Autograd of the sparse-delta fast paths: input gradient plus k entry gradients, nothing dense.
+
+The cost floor of a sparse-tuning step is forward plus input-gradient backward (DESIGN.md,
+"Principles"). Above it these functions add only O(tokens x k) work per layer:
+
+* forward: the ordinary ``F.linear`` / ``F.conv2d`` on the weight held in place, plus one
+  ``index_select`` of the input columns (channels) that selected entries touch, saved for backward
+  (nothing is saved when the delta needs no gradient);
+* backward: the input gradient only when an input needs one (``ctx.needs_input_grad``: the first
+  layer's input, the images, never does), and entry ``(r, c)`` of the weight gradient as
+  ``sum_t grad_out[t, r] * x[t, c]`` from the saved columns (the unfolded patch for a conv),
+  accumulated in float32. The dense weight gradient is never formed.
+
+Autocast (``torch.autocast`` on CPU or CUDA, bf16 or fp16): inputs, weight and bias are cast to the
+autocast dtype as autocast would for ``linear``/``conv2d``; the saved columns are kept in that dtype
+(half the activation memory) and the entry gradients are still summed in float32. The backward pass
+runs with autocast disabled and casts the frozen weight again instead of keeping a low-precision
+copy alive between forward and backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SparseConv2dFn", "SparseLinearFn", "compute_dtype", "entry_grads"]
+
+_MAX_TEMP = 1 << 24  # elements of each tokens x entries temporary in the backward pass (64 MiB in fp32)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``linear``/``conv2d`` would run in for ``x``: the autocast dtype when it applies."""
+    dev = x.device.type
+    if x.dtype != torch.float64 and x.is_floating_point() and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def entry_grads(go: torch.Tensor, rows: torch.Tensor, xs: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``out[j] = sum over dims 0 (and 2) of go[:, rows[j]] * xs[:, cols[j]]`` in float32.
+
+    ``go`` is (tokens, out) or (batch, out, positions); ``xs`` matches it with the saved columns.
+    """
+    dims = (0, 2) if go.dim() == 3 else (0,)
+    acc = torch.float64 if go.dtype == torch.float64 else torch.float32
+
+    def part(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return (go.index_select(1, r).to(acc) * xs.index_select(1, c).to(acc)).sum(dims)
+
+    chunk = max(64, _MAX_TEMP // max(1, go.numel() // go.shape[1]))
+    if rows.numel() <= chunk:
+        return part(rows, cols)
+    return torch.cat([part(rows[s : s + chunk], cols[s : s + chunk]) for s in range(0, rows.numel(), chunk)])
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+class SparseLinearFn(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose backward returns the gradient of the selected entries."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, delta, rows, ucols, colpos):
+        dt = compute_dtype(x)
+        x = x.to(dt)
+        out = F.linear(x, weight.to(dt), _cast(bias, dt))
+        ctx.weight = weight  # the frozen parameter itself (held by the module): no copy is saved
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x.index_select(-1, ucols) if ctx.needs_input_grad[3] else None, rows, colpos)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, go: torch.Tensor):
+        xs, rows, colpos = ctx.saved_tensors
+        grad_x = grad_bias = grad_delta = None
+        with torch.autocast(go.device.type, enabled=False):
+            go2 = go.reshape(-1, go.shape[-1])
+            if ctx.needs_input_grad[0]:
+                grad_x = go.matmul(ctx.weight.to(go.dtype))
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = go2.sum(0, dtype=torch.float32 if go.dtype != torch.float64 else None)
+            if ctx.needs_input_grad[3]:
+                grad_delta = entry_grads(go2, rows, xs.reshape(-1, xs.shape[-1]), colpos)
+        return grad_x, None, grad_bias, grad_delta, None, None, None
+
+
+class SparseConv2dFn(torch.autograd.Function):
+    """``F.conv2d`` (zero, integer padding) whose backward returns the selected entries' gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, delta, rows, uchan, colpos, conv):
+        stride, padding, dilation, groups = conv
+        dt = compute_dtype(x)
+        x = x.to(dt)
+        out = F.conv2d(x, weight.to(dt), _cast(bias, dt), stride, padding, dilation, groups)
+        ctx.weight, ctx.conv, ctx.x_shape = weight, conv, x.shape
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x.index_select(1, uchan) if ctx.needs_input_grad[3] else None, rows, colpos)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, go: torch.Tensor):
+        xs, rows, colpos = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        grad_x = grad_bias = grad_delta = None
+        w = ctx.weight
+        with torch.autocast(go.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:  # never for the first layer (its input is the images)
+                grad_x = torch.nn.grad.conv2d_input(
+                    ctx.x_shape, w.to(go.dtype), go, stride, padding, dilation, groups
+                )
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = go.sum(dim=(0, 2, 3), dtype=torch.float32 if go.dtype != torch.float64 else None)
+            if ctx.needs_input_grad[3]:
+                cols = F.unfold(xs, w.shape[2:], dilation=dilation, padding=padding, stride=stride)
+                g3 = go.reshape(go.shape[0], go.shape[1], -1)
+                grad_delta = entry_grads(g3, rows, cols, colpos)
+        return grad_x, None, grad_bias, grad_delta, None, None, None, None
