@@ -59,8 +59,9 @@ bench: weights
 bench-fed: weights
 	$(PY) -m benchmarks.fed_load
 
+# federated simulation: 3 sites train through the bundle (cpu_demo), 3 rounds, with references
 fed-sim: weights
-	$(PY) -m federated.simulate --out runs/fed-sim
+	$(PY) -m shpeft_monai.fl.simulate --out runs/fed-sim
 
 # loopback SuperLink + 2 SuperNodes with TLS and SuperNode authentication (see docs/federated.md)
 fed-deploy: weights

@@ -2,7 +2,7 @@
 
 Two parts (``python -m benchmarks.fed_load``):
 
-1. **Sweep.** The real :class:`federated.strategy.SparseDeltaFedAvg` aggregates real Flower reply
+1. **Sweep.** The real :class:`shpeft_monai.fl.metered.MeteredSparseFedAvg` (the production strategy plus its profiling) aggregates real Flower reply
    messages (k float32 values, a ViT-S/14 head of 770 values, an example count) from ``S`` sites, for
    S in 5..80 and k in 2,000..200,000, and for masks over models of 22 M (ViT-S) and 86 M (ViT-B)
    eligible weights at the same k. Time is the median over repeats of ``aggregate_train`` (validation
@@ -57,8 +57,8 @@ def measure(sites: int, k: int, n_eligible: int, repeats: int = 3) -> dict[str, 
     from flwr.app import Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from federated import codec
-    from federated.strategy import SparseDeltaFedAvg
+    from shpeft_monai.fl import codec
+    from shpeft_monai.fl.metered import MeteredSparseFedAvg
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     mask = _mask(n_eligible, k)
@@ -76,12 +76,12 @@ def measure(sites: int, k: int, n_eligible: int, repeats: int = 3) -> dict[str, 
         replies.append(Message(content=content, reply_to=request))
     times, peaks = [], []
     for _ in range(repeats):
-        s = SparseDeltaFedAvg(head_shapes=HEAD, fraction_evaluate=0.0)
+        s = MeteredSparseFedAvg(head_shapes=HEAD, fraction_evaluate=0.0)
         s.mask = mask
         _, metrics = s.aggregate_train(1, replies)
         assert metrics is not None and metrics["sites-accepted"] == sites
-        times.append(s.aggregation[-1]["seconds"])
-        peaks.append(s.aggregation[-1]["peak_bytes"])
+        times.append(s.aggregation_log[-1]["seconds"])
+        peaks.append(s.aggregation_log[-1]["peak_bytes"])
     return {
         "sites": sites,
         "k": k,
@@ -131,10 +131,11 @@ def fit(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 def simulate(sites: int, rounds: int, out: Path) -> dict[str, Any]:
     """A real Flower simulation of ``sites`` tiny sites; the server's own aggregation records."""
-    cmd = [sys.executable, "-m", "federated.simulate", "--out", str(out), "--sites", str(sites)]
+    cmd = [sys.executable, "-m", "shpeft_monai.fl.simulate", "--out", str(out), "--sites", str(sites)]
     cmd += ["--rounds", str(rounds), "--train-per-site", "6", "--val-limit", "8", "--test-limit", "8"]
     cmd += ["--model", "vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--batch-size", "3"]
     cmd += ["--calibration-batches", "1", "--no-baselines", "--skew", "0.2"]
+    cmd += ["--bundle", "shpeft#head_warmup_steps=1"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

@@ -73,8 +73,8 @@ def join_safetensors(header: Any, body: bytes) -> bytes:
 def fuzz_decode_update(
     content: Any, *, mask_fingerprint: str, k: int, head_shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[np.ndarray, dict[str, np.ndarray], int] | None:
-    """The federated reply decoder: decoded values or :class:`federated.codec.ReplyRejected`."""
-    from federated import codec
+    """The federated reply decoder: decoded values or :class:`shpeft_monai.fl.codec.ReplyRejected`."""
+    from shpeft_monai.fl import codec
 
     try:
         values, head, n = codec.decode_update(
@@ -96,7 +96,7 @@ def fuzz_update_arrays(arrays: Mapping[str, Any], metrics: Mapping[str, Any] | N
     """
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-    from federated import codec
+    from shpeft_monai.fl import codec
 
     try:
         rec = ArrayRecord(

@@ -16,12 +16,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from federated import codec
-from federated.agreement import agree_mask, combine_candidates, flatten_layout, site_candidates
-from federated.codec import ReplyRejected
-from federated.strategy import SparseDeltaFedAvg
-from federated.task import site_partition
 from shpeft_monai import SHPEFTConfig, SparseMask
+from shpeft_monai.agreement import agree_mask, combine_candidates, flatten_layout, site_candidates
+from shpeft_monai.fl import codec
+from shpeft_monai.fl.codec import ReplyRejected
+from shpeft_monai.fl.mask_round import agree
+from shpeft_monai.fl.metered import MeteredSparseFedAvg
+from shpeft_monai.fl.partition import site_partition
+from shpeft_monai.fl.strategy import SparseDeltaFedAvg
 from shpeft_monai.model import backbone_fingerprint, eligible_parameters
 from shpeft_monai.scoring import task_agnostic_scores
 
@@ -293,7 +295,7 @@ def test_error_reply_written_by_the_superlink_names_the_silent_node():
     from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
     s = strategy_with(tiny_mask())
-    sent = s._send("train", 2, [request(7), request(8)])
+    sent = s.outgoing("train", 2, [request(7), request(8)])
     for i, msg in enumerate(sent):  # as the grid does when it pushes the messages
         msg.metadata.__dict__["_message_id"] = f"m{i}"
     err = create_message_error_unavailable_res_message(sent[0].metadata, "node_unavail")
@@ -464,13 +466,13 @@ def test_protocol_end_to_end_with_faulty_sites():
             5: fake_site(box, 0.0, 5, misbehave="nan_train"),
         }
     )
-    s = SparseDeltaFedAvg(
+    s = MeteredSparseFedAvg(
         head_shapes=HEAD, max_examples=100, min_available_nodes=5, min_train_nodes=5, fraction_evaluate=0.0
     )
     k = CFG.budget_for(48)
     init = codec.update_arrays(np.zeros(k, np.float32), head_arrays(0))
-    mask = s.agree_mask(
-        grid, config=CFG, task_agnostic=ta, base_fingerprint=fp, initial_arrays=init, candidate_factor=2
+    mask = agree(
+        grid, s, config=CFG, task_agnostic=ta, base_fingerprint=fp, initial_arrays=init, candidate_factor=2
     )
     assert mask.k == k and {2, 11} <= set(mask.indices["0.weight"].tolist())
     result = s.start(
@@ -496,7 +498,7 @@ def test_protocol_end_to_end_with_faulty_sites():
 def test_unacknowledged_site_gets_mask_with_first_train_message():
     mask = tiny_mask()
     s = strategy_with(mask, min_available_nodes=1, min_train_nodes=1)
-    s._mask_record = codec.encode_mask(mask)
+    s.mask_record = codec.encode_mask(mask)
     grid = FakeGrid({7: lambda m: None})
     msgs = list(
         s.configure_train(
@@ -525,36 +527,17 @@ def test_site_partition_grouped_label_skewed_and_complete():
 
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
-def test_simulation_end_to_end_tiny(tmp_path):
-    from federated import simulate
+def test_simulation_trains_its_sites_through_the_bundle(tmp_path):
+    """2 sites, 1 round, tiny random ViT: every site ran the bundle (its run record and the agreed
+    mask in its work folder), the report holds the sparse payload next to dense FedAvg."""
+    from shpeft_monai.fl import simulate
+    from shpeft_monai.io import load_delta, load_mask
 
     out = tmp_path / "fed"
-    report = simulate.main(
-        [
-            "--out",
-            str(out),
-            "--sites",
-            "2",
-            "--rounds",
-            "1",
-            "--train-per-site",
-            "8",
-            "--val-limit",
-            "8",
-            "--test-limit",
-            "8",
-            "--model",
-            "vit_tiny_patch16_224",
-            "--random-init",
-            "--img-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--calibration-batches",
-            "1",
-            "--no-baselines",
-        ]
-    )
+    args = ["--out", str(out), "--sites", "2", "--rounds", "1", "--train-per-site", "8"]
+    args += ["--val-limit", "8", "--test-limit", "8", "--model", "vit_tiny_patch16_224", "--random-init"]
+    args += ["--img-size", "32", "--batch-size", "4", "--calibration-batches", "1", "--no-baselines"]
+    report = simulate.main([*args, "--bundle", "shpeft#head_warmup_steps=1"])
     saved = json.loads((out / "report.json").read_text())
     assert saved["summary"]["k"] == report["federated"]["k"] > 0
     assert (out / "global_delta.safetensors").is_file() and (out / "report.png").is_file()
@@ -562,6 +545,12 @@ def test_simulation_end_to_end_tiny(tmp_path):
     assert 0 < comm["ratio_sparse_to_dense"] < 1e-3
     assert set(saved["federated"]["accuracy_per_round"]) == {"0", "1"}
     assert not saved["federated"]["rejected_replies"]
+    delta = load_delta(out / "global_delta.safetensors")
+    for site in (0, 1):
+        work = out / "sites" / f"work{site}"
+        run = json.loads((work / "run.json").read_text())  # written by the bundle's resolve_run
+        assert run["network_name"] == "vit_tiny_patch16_224" and run["img_size"] == 32
+        assert load_mask(work / "mask.safetensors").mask.fingerprint == delta.mask.fingerprint
 
 
 # ------------------------------------------------------------------------------------------ Flower app
@@ -574,20 +563,36 @@ def test_flower_app_manifest_has_no_dependencies_and_known_config_keys():
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
 
-    from federated.task import FedSettings
+    from shpeft_monai.fl.task import Settings
+    from shpeft_monai.recipe import DEFAULTS
 
     manifest = tomllib.loads((Path(__file__).parents[1] / "federated" / "pyproject.toml").read_text())
     assert manifest["project"]["dependencies"] == []  # a SuperLink must never install torch
     comps = manifest["tool"]["flwr"]["app"]["components"]
     for ref, kind in ((comps["serverapp"], ServerApp), (comps["clientapp"], ClientApp)):
         module, _, attr = ref.partition(":")
+        assert module.startswith("shpeft_monai.fl.")
         assert isinstance(getattr(importlib.import_module(module), attr), kind)
-    fields = {f.name.replace("_", "-") for f in dataclasses.fields(FedSettings)}
-    keys = set(manifest["tool"]["flwr"]["app"]["config"])
-    assert keys - {"server-datalist"} <= fields
-    s = FedSettings.from_config(manifest["tool"]["flwr"]["app"]["config"])
-    assert s.budget == 1e-4 and s.shpeft().budget == 1e-4 and s.num_server_rounds == 3
-    assert FedSettings.from_config({"budget": 2200, "pretrained": "false"}).shpeft().budget == 2200
+    fields = {f.name.replace("_", "-") for f in dataclasses.fields(Settings)}
+    config = manifest["tool"]["flwr"]["app"]["config"]
+    assert set(config) <= fields
+    s = Settings.from_config(config)
+    assert s == Settings(), "the manifest's defaults and Settings' defaults differ"
+    # the method and its recipe are the bundle's: recipe.DEFAULTS, not the app's own settings
+    cfg, parser = s.shpeft(), s.parser()
+    assert (cfg.hybrid, cfg.budget) == (DEFAULTS.hybrid, DEFAULTS.budget)
+    assert parser.get_parsed_content("lr") == DEFAULTS.lr_selected
+    assert parser.get_parsed_content("head_lr") == DEFAULTS.lr_head
+    assert parser.get_parsed_content("resume") is False  # overlays/federated.yaml
+    tiny = Settings.from_config({"bundle": "img_size=32 shpeft#budget=2200", "local-epochs": 2})
+    assert tiny.shpeft().budget == 2200 and tiny.parser().get_parsed_content("max_epochs") == 2
+
+
+def test_the_default_client_app_carries_no_fault_drill():
+    from shpeft_monai.fl.client_app import app
+    from shpeft_monai.fl.faults import drill_app
+
+    assert app._mods == [] and len(drill_app._mods) == 1
 
 
 def test_mask_broadcast_carries_the_mask_once():
@@ -596,6 +601,6 @@ def test_mask_broadcast_carries_the_mask_once():
     grid = FakeGrid({1: fake_site(box, 1.0, 10), 2: fake_site(box, 3.0, 30)})
     s = SparseDeltaFedAvg(head_shapes=HEAD, min_available_nodes=2, min_train_nodes=2, fraction_evaluate=0.0)
     init = codec.update_arrays(np.zeros(CFG.budget_for(48), np.float32), head_arrays(0))
-    s.agree_mask(grid, config=CFG, task_agnostic=ta, base_fingerprint=fp, initial_arrays=init)
+    agree(grid, s, config=CFG, task_agnostic=ta, base_fingerprint=fp, initial_arrays=init)
     bcast = [m for m in grid.sent if m.metadata.message_type == "query.mask"]
     assert len(bcast) == 2 and all(set(m.content.keys()) == {codec.MASK, codec.CONFIG} for m in bcast)

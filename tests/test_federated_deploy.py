@@ -18,15 +18,15 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "model": "vit_tiny_patch16_224",
+TINY = {  # every site trains through the bundle (cpu_demo overlay) with a tiny random ViT
+    "overlays": "cpu_demo",
+    "bundle": "network_name=vit_tiny_patch16_224 img_size=32 batch_size=4 "
+    "shpeft#calibration_batches=1 shpeft#head_warmup_steps=1",
     "pretrained": False,
-    "img-size": 32,
-    "batch-size": 4,
-    "calibration-batches": 1,
     "num-server-rounds": 1,
     "min-nodes": 2,
     "num-threads": 1,
+    "account-bytes": True,
 }
 
 
@@ -36,7 +36,7 @@ def deployment(tmp_path, request):
         os.path.join(os.path.dirname(os.sys.executable), "flower-superlink")
     ):
         pytest.skip("flwr is not installed (pip install -e '.[federated]')")
-    from federated.deploy import Deployment
+    from shpeft_monai.fl.deploy import Deployment
 
     os.environ["PATH"] = os.path.dirname(os.sys.executable) + os.pathsep + os.environ.get("PATH", "")
     d = Deployment(tmp_path / "deploy", n_nodes=getattr(request, "param", 2))
@@ -50,7 +50,7 @@ def deployment(tmp_path, request):
 
 
 def test_tls_auth_deployment_runs_a_round_and_refuses_unregistered_node(deployment, tmp_path):
-    from federated.deploy import demo_datalists
+    from shpeft_monai.fl.deploy import demo_datalists
 
     d = deployment
     assert d.flwr_home.is_relative_to(tmp_path)
@@ -58,8 +58,8 @@ def test_tls_auth_deployment_runs_a_round_and_refuses_unregistered_node(deployme
     d.start_superlink()
     for i in range(2):
         d.register(i)
-        d.start_supernode(i, {"data-list": str(lists[i]), "num-threads": 1})
-    intruder = d.start_supernode(2, {"data-list": str(lists[2]), "num-threads": 1}, name="intruder")
+        d.start_supernode(i, {"dataset": str(lists[i]), "num-threads": 1})
+    intruder = d.start_supernode(2, {"dataset": str(lists[2]), "num-threads": 1}, name="intruder")
 
     out = tmp_path / "out"
     run_id = d.run({**TINY, "out": str(out)})
@@ -108,12 +108,12 @@ def test_deployment_survives_a_nan_site_and_a_supernode_killed_mid_round(deploym
       its ClientApp context.state is gone: it answers round 2's evaluation with "unknown mask", the
       strategy re-attaches the mask to its round-3 message, and round 3 accepts all 3 sites.
     """
-    from federated.deploy import demo_datalists
+    from shpeft_monai.fl.deploy import demo_datalists
     from shpeft_monai.io import load_delta
 
     d = deployment
     lists = demo_datalists(tmp_path / "data", 3, train_per_site=8, val_per_site=6)
-    cfg = [{"data-list": str(p), "num-threads": 1} for p in lists]
+    cfg = [{"dataset": str(p), "num-threads": 1} for p in lists]
     cfg[2].update({"fault": "nan", "fault-round": 2})
     d.start_superlink()
     for i in range(3):

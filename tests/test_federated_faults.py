@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from federated.faults import FAULT_KINDS, parse_fault, parse_faults
+from shpeft_monai.fl.faults import FAULT_KINDS, parse_fault, parse_faults
 from shpeft_monai.io import load_delta
 
 pytestmark = pytest.mark.reliability
@@ -31,10 +31,11 @@ HOSTILE = ["nan", "oversized", "misindexed", "float64", "huge-count", "replay", 
 
 
 def _simulate(out: Path, faults: list[str], sites: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "federated.simulate", "--out", str(out), "--sites", str(sites)]
+    cmd = [sys.executable, "-m", "shpeft_monai.fl.simulate", "--out", str(out), "--sites", str(sites)]
     cmd += ["--rounds", "2", "--train-per-site", "6", "--val-limit", "8", "--test-limit", "8"]
     cmd += ["--model", "vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--batch-size", "3"]
     cmd += ["--calibration-batches", "1", "--no-baselines", "--round-timeout", "600", "--ray-cpus", "2"]
+    cmd += ["--bundle", "shpeft#head_warmup_steps=1"]
     for f in faults:
         cmd += ["--fault", f]
     proc = subprocess.Popen(

@@ -234,18 +234,18 @@ def test_shpeft_config_reads_the_recipe() -> None:
 
 def test_federated_settings_read_the_recipe() -> None:
     pytest.importorskip("flwr")
-    from federated.task import FedSettings
+    from shpeft_monai.fl.task import Settings
 
-    s = FedSettings()
-    assert (s.hybrid, s.rho, s.lam, s.budget) == (
+    s = Settings()  # a federated site's method and recipe are the bundle's
+    cfg, parser = s.shpeft(), s.parser()
+    assert (cfg.hybrid, cfg.rho, cfg.lam, cfg.budget) == (
         DEFAULTS.hybrid,
         DEFAULTS.rho,
         DEFAULTS.lam,
         DEFAULTS.budget,
     )
-    assert (s.lr, s.head_lr, s.weight_decay) == (DEFAULTS.lr_selected, DEFAULTS.lr_head, DEFAULTS.wd_selected)
-    cfg = s.shpeft()
-    assert (cfg.hybrid, cfg.rho, cfg.lam) == (DEFAULTS.hybrid, DEFAULTS.rho, DEFAULTS.lam)
+    lrs = tuple(parser.get_parsed_content(k) for k in ("lr", "head_lr", "weight_decay"))
+    assert lrs == (DEFAULTS.lr_selected, DEFAULTS.lr_head, DEFAULTS.wd_selected)
 
 
 def test_bundle_reads_the_recipe(bundle_configs) -> None:

@@ -277,7 +277,7 @@ def _fed():
 
 
 def _honest(node: int, value: float, n: int, fp: str | None = None, server_round: int = 3):
-    from federated import codec
+    from shpeft_monai.fl import codec
     from tests.test_federated import head_arrays, reply
 
     mask, _ = _fed()
@@ -287,7 +287,7 @@ def _honest(node: int, value: float, n: int, fp: str | None = None, server_round
 
 
 def _aggregate(replies, server_round: int = 3):
-    from federated import codec
+    from shpeft_monai.fl import codec
     from tests.test_federated import strategy_with
 
     s = strategy_with(_fed()[0])
@@ -350,7 +350,7 @@ def test_fuzz_federated_update_decoder_and_aggregation(data, dtype, shape, fp, n
 
 
 def _hostile(kind: str, server_round: int = 3):
-    from federated import codec
+    from shpeft_monai.fl import codec
     from tests.test_federated import head_arrays, reply
 
     mask, _ = _fed()
@@ -375,7 +375,7 @@ def _hostile(kind: str, server_round: int = 3):
 def test_hostile_update_is_dropped_logged_and_result_is_honest_mean(kind, caplog):
     with _flower_run():
         honest = [_honest(1, 1.0, 10), _honest(2, 3.0, 30)]
-        with caplog.at_level(logging.WARNING, logger="federated.strategy"):
+        with caplog.at_level(logging.WARNING, logger="shpeft_monai.fl.strategy"):
             s, got, metrics = _aggregate([honest[0], _hostile(kind), honest[1]])
         _, want, _ = _aggregate(honest)
     assert metrics["sites-accepted"] == 2 and metrics["sites-rejected"] == 1
@@ -391,7 +391,7 @@ def test_hostile_update_is_dropped_logged_and_result_is_honest_mean(kind, caplog
 
 
 def test_replayed_old_round_reply_is_rejected():
-    from federated import codec
+    from shpeft_monai.fl import codec
     from tests.test_federated import head_arrays, reply
 
     mask, _ = _fed()

@@ -1,11 +1,12 @@
 """Fault drills: make one site misbehave on purpose, to rehearse what the server does about it.
 
-A Flower *mod* around the site's ClientApp. It does nothing unless the site's node config names a
-fault (``flower-supernode --node-config "fault='nan' fault-round=2"``) or the simulation is asked
-for one (``python -m federated.simulate --fault SITE:KIND[:ROUND]``), so the same app runs in drills
-and in production. The server must
-cope with every kind without trusting the site: :class:`federated.strategy.SparseDeltaFedAvg`
-drops the reply, logs the node id, and aggregates the honest sites only.
+A Flower *mod* around the site's ClientApp, installed only by the drivers: the simulation
+(``python -m shpeft_monai.fl.simulate --fault SITE:KIND[:ROUND]``) and the loopback deployment,
+which runs :data:`drill_app` when a node config names a fault
+(``flower-supernode --node-config "fault='nan' fault-round=2"``). The production ClientApp
+(``shpeft_monai.fl.client_app:app``) never carries it. The server must cope with every kind
+without trusting the site: :class:`shpeft_monai.fl.strategy.SparseDeltaFedAvg` drops the reply,
+logs the node id, and aggregates the honest sites only.
 
 Kinds (applied to the ``train`` reply of round ``fault-round``, default 2; earlier rounds honest):
 
@@ -30,9 +31,9 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from federated import codec
+from shpeft_monai.fl import codec
 
-__all__ = ["FAULT_KINDS", "fault_drill", "parse_fault", "parse_faults"]
+__all__ = ["FAULT_KINDS", "drill_app", "fault_drill", "parse_fault", "parse_faults"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,3 +133,12 @@ def corrupt_update(content: Any, kind: str) -> Any:
         arrays = out[codec.ARRAYS]
         arrays["values"] = codec._array(values.astype(np.float64))
     return out
+
+
+def _drill_app() -> Any:
+    from shpeft_monai.fl.client_app import make_client_app
+
+    return make_client_app(mods=[fault_drill()])
+
+
+drill_app = _drill_app()  # the deployment driver's ClientApp for fault drills (node config `fault`)

@@ -1,4 +1,9 @@
-"""Mask agreement: one global SH-PEFT mask of exactly k entries from the sites' candidates.
+"""Mask agreement: one global SH-PEFT mask of exactly k entries from several sites' candidates.
+
+Flower-free core of federated SH-PEFT (arXiv:2405.17877 selects one mask per task; here the sites
+of a federation agree on one; docs/federated.md). The budget ``k`` is computed here only
+(:func:`budget`), from the eligible layout, and the Flower glue (:mod:`shpeft_monai.fl`) asks
+for it.
 
 Each site scores the eligible weights on its own data (task-specific importance, the core's
 calibration pass) and sends only its top ``candidate_factor * k`` entries as *global flat indices*
@@ -9,10 +14,10 @@ scores. The server
    and image statistics of a site do not decide its influence), weights them by the site's share of
    the examples, and sums them into one combined task-specific score (zero off every candidate);
 2. computes the task-agnostic importance from its own copy of the base weights (no data);
-3. applies the core's hybrid rule (:func:`shpeft_monai.selection.select_indices`; ``union`` by
-   default: ``round(rho * k)`` entries by the combined task-specific score, the rest by
-   task-agnostic importance among the remaining entries), which returns exactly k entries with
-   deterministic tie-breaking.
+3. applies the configured hybrid rule of the core (:func:`shpeft_monai.selection.select_indices`;
+   ``weighted`` by default, as in ``shpeft_monai.recipe.DEFAULTS``; ``union`` takes
+   ``round(rho * k)`` entries by the combined task-specific score and the rest by task-agnostic
+   importance), which returns exactly k entries with deterministic tie-breaking.
 
 Everything here is deterministic: the same replies give the same mask regardless of reply order.
 """
@@ -24,16 +29,37 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from shpeft_monai import SHPEFTConfig, SparseMask
-from shpeft_monai.selection import select_indices
+from .config import SHPEFTConfig
+from .selection import select_indices
+from .sparse import SparseMask
 
-__all__ = ["agree_mask", "combine_candidates", "flatten_layout", "site_candidates"]
+__all__ = [
+    "agree_mask",
+    "budget",
+    "candidate_count",
+    "combine_candidates",
+    "flatten_layout",
+    "site_candidates",
+]
 
 
 def flatten_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[list[str], list[int]]:
     """Names (sorted) and sizes of the eligible tensors: the global flat index layout."""
     names = sorted(tensors)
     return names, [int(tensors[n].numel()) for n in names]
+
+
+def budget(config: SHPEFTConfig, tensors: Mapping[str, torch.Tensor] | int) -> int:
+    """k of ``config`` over the eligible ``tensors`` (or their total size): the one place it is computed."""
+    n = tensors if isinstance(tensors, int) else sum(flatten_layout(tensors)[1])
+    return config.budget_for(int(n))
+
+
+def candidate_count(config: SHPEFTConfig, n_eligible: int, factor: int) -> int:
+    """How many candidates each site sends: ``factor * k``, at least 1, at most ``n_eligible``."""
+    if factor < 1:
+        raise ValueError(f"candidate factor={factor!r} must be an integer >= 1 (default 4)")
+    return int(min(max(factor * budget(config, n_eligible), 1), n_eligible))
 
 
 def site_candidates(scores: Mapping[str, torch.Tensor], n_top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +102,7 @@ def agree_mask(
     n_eligible = sum(sizes)
     if combined.shape != (n_eligible,):
         raise ValueError(f"combined scores have shape {combined.shape}, expected ({n_eligible},)")
-    k = config.budget_for(n_eligible)
+    k = budget(config, n_eligible)
     ts, pos = {}, 0
     for n, size in zip(names, sizes):
         ts[n] = torch.from_numpy(combined[pos : pos + size].copy()).view(task_agnostic[n].shape)
@@ -84,5 +110,6 @@ def agree_mask(
     picked = select_indices(config, k, ts, {n: task_agnostic[n] for n in names})
     shapes = {n: tuple(task_agnostic[n].shape) for n in picked}
     mask = SparseMask(picked, shapes, base_fingerprint, meta={"eligible_weights": n_eligible})
-    assert mask.k == k, (mask.k, k)
+    if mask.k != k:  # select_indices guarantees it; a broken guarantee must not go unnoticed
+        raise RuntimeError(f"agreed mask has {mask.k} entries, the budget is {k}")
     return mask

@@ -42,7 +42,10 @@ __all__ = [
     "encode_candidates",
     "encode_mask",
     "encode_update",
+    "flatten_update",
+    "num_examples",
     "record_nbytes",
+    "unflatten_update",
 ]
 
 ARRAYS, CONFIG, METRICS, MASK = "arrays", "config", "metrics", "mask"
@@ -79,7 +82,8 @@ def _numpy(rec: ArrayRecord, key: str) -> np.ndarray:
         raise ReplyRejected(f"array {key!r} cannot be decoded: {exc!r}") from exc
 
 
-def _num_examples(content: RecordDict, max_examples: int) -> int:
+def num_examples(content: RecordDict, max_examples: int) -> int:
+    """The reply's ``num-examples``: a positive integer no larger than ``max_examples``."""
     metrics = _get(content, METRICS, MetricRecord)
     n = metrics.get(NUM_EXAMPLES)
     if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n):
@@ -116,6 +120,29 @@ def encode_update(
 def update_arrays(values: np.ndarray, head: Mapping[str, np.ndarray]) -> ArrayRecord:
     """The global model state the strategy carries between rounds: values + head."""
     return encode_update(values, head, "")[ARRAYS]
+
+
+def flatten_update(values: np.ndarray, head: Mapping[str, np.ndarray]) -> np.ndarray:
+    """One float64 vector: the k values, then every head tensor flattened in name order (what the
+    robust aggregation and differential privacy act on)."""
+    parts = [np.asarray(values, dtype=np.float64).reshape(-1)]
+    parts += [np.asarray(head[n], dtype=np.float64).reshape(-1) for n in sorted(head)]
+    return np.concatenate(parts)
+
+
+def unflatten_update(
+    flat: np.ndarray, k: int, head_shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Inverse of :func:`flatten_update` (float32 values and head)."""
+    need = k + sum(int(np.prod(s)) for s in head_shapes.values())
+    if flat.shape != (need,):
+        raise ValueError(f"flat update has shape {flat.shape}, expected ({need},)")
+    values, pos, head = flat[:k].astype(np.float32), k, {}
+    for name in sorted(head_shapes):
+        size = int(np.prod(head_shapes[name]))
+        head[name] = flat[pos : pos + size].astype(np.float32).reshape(head_shapes[name])
+        pos += size
+    return values, head
 
 
 def split_arrays(arrays: ArrayRecord) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -163,7 +190,7 @@ def decode_update(
     extra = sorted(set(arrays.keys()) - {"values"} - {HEAD_PREFIX + n for n in head_shapes})
     if extra:
         raise ReplyRejected(f"unexpected arrays {extra[:5]}")
-    n = _num_examples(content, max_examples) if need_examples else 0
+    n = num_examples(content, max_examples) if need_examples else 0
     return values, head, n
 
 
@@ -244,7 +271,7 @@ def decode_candidates(
         raise ReplyRejected("duplicate candidate indices")
     if not np.isfinite(sc).all() or (sc < 0).any():
         raise ReplyRejected("candidate scores must be finite and >= 0")
-    return idx, sc.astype(np.float32), _num_examples(content, max_examples)
+    return idx, sc.astype(np.float32), num_examples(content, max_examples)
 
 
 # ---------------------------------------------------------------- accounting

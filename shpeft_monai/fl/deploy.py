@@ -1,6 +1,6 @@
 """Hospital-side deployment of federated SH-PEFT: SuperLink + N SuperNodes, TLS and node authentication.
 
-``python -m federated.deploy --workdir runs/fed-deploy --supernodes 2`` does, on one machine (loopback),
+``python -m shpeft_monai.fl.deploy --workdir runs/fed-deploy --supernodes 2`` does, on one machine (loopback),
 what a real deployment does on several:
 
 1. ``certs``: a CA and a SuperLink certificate (SAN ``localhost``, ``127.0.0.1`` and ``--host``),
@@ -9,9 +9,11 @@ what a real deployment does on several:
 3. ``flower-superlink`` with TLS and ``--enable-supernode-auth`` (runtime dependency installation off);
 4. ``flwr supernode register <public key> shpeft`` for each site (unregistered nodes are refused);
 5. one ``flower-supernode`` per site with ``--root-certificates``, its private key and
-   ``--node-config 'data-list=... checkpoint=...'`` pointing at that site's own data and weights;
+   ``--node-config 'dataset=... checkpoint=...'`` pointing at that site's own data and weights;
 6. ``flwr run federated shpeft`` and a wait until the run has finished; then every process group is
-   ended (each process is started in its own session).
+   ended (each process is started in its own session). When a node config names a ``fault``
+   (a drill), the run uses a copy of the app whose ClientApp carries the fault-drill mod
+   (:data:`shpeft_monai.fl.faults.drill_app`); the production app never does.
 
 The per-site datalists written by ``--demo-data`` come from the Br35H training/validation split
 (grouped, label-skewed); in a real hospital each site writes its own JSON datalist.
@@ -37,11 +39,11 @@ from typing import Any
 
 import tomllib
 
-from shpeft_monai.io import FEDERATED_REPORT_FILE, write_json
+from shpeft_monai.io import FEDERATED_REPORT_FILE
 
 __all__ = ["Deployment", "free_port", "make_certificates", "make_node_keys", "write_flwr_config"]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONNECTION = "shpeft"
 
 
@@ -164,26 +166,11 @@ def write_flwr_config(flwr_home: Path, address: str, ca: Path, name: str = CONNE
 def demo_datalists(
     out: Path, n: int, *, train_per_site: int = 0, val_per_site: int = 0, seed: int = 0
 ) -> list[Path]:
-    """One JSON datalist per site from the Br35H split (grouped, label-skewed): a stand-in for the
-    lists each hospital writes for its own images."""
-    from federated.task import site_partition
-    from shpeft_monai.data import load_split, subsample
+    """One bundle datalist per site from the Br35H split (grouped, label-skewed): a stand-in for
+    the lists each hospital writes for its own images."""
+    from shpeft_monai.fl.partition import site_datalists
 
-    splits = load_split("br35h")
-    train = site_partition(splits["train"], n, seed=seed)
-    val = site_partition(splits["validation"], n, seed=seed)
-    paths = []
-    out.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        t, v = train[i], val[i]
-        if train_per_site and len(t) > train_per_site:
-            t = subsample(t, train_per_site, seed=seed)
-        if val_per_site and len(v) > val_per_site:
-            v = subsample(v, val_per_site, seed=seed)
-        p = out / f"site{i}.json"
-        write_json(p, {"train": t, "validation": v})
-        paths.append(p)
-    return paths
+    return site_datalists(out, n, train_per_site=train_per_site, val_per_site=val_per_site, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -195,6 +182,7 @@ class Deployment:
     n_nodes: int = 2
     port: int = 0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    drills: bool = False  # a node config names a fault: run the drill copy of the app
     _logs: list[Any] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -285,6 +273,8 @@ class Deployment:
         """Start the SuperNode of key pair ``i``; call it again with a new ``name`` to restart a
         killed one: same private key, so the SuperLink gives it back the same node id."""
         name = name or f"supernode{i}"
+        self.drills = self.drills or bool(node_config.get("fault"))
+        node_config = {"work-dir": str(self.workdir / "sites" / name), **node_config}
         if name in self.procs:
             raise ValueError(f"{name!r} was started already: restart it under a new name")
         items = " ".join(
@@ -304,8 +294,18 @@ class Deployment:
             ],
         )  # fmt: skip
 
-    def run(self, run_config: dict[str, Any], app: Path = REPO / "federated") -> int:
-        """``flwr run`` the app; returns the run id."""
+    def drill_app(self) -> Path:
+        """A copy of the app manifest whose ClientApp carries the fault-drill mod."""
+        app = self.workdir / "drill-app"
+        app.mkdir(parents=True, exist_ok=True)
+        text = (REPO / "federated" / "pyproject.toml").read_text()
+        text = text.replace("shpeft_monai.fl.client_app:app", "shpeft_monai.fl.faults:drill_app")
+        (app / "pyproject.toml").write_text(text.replace('name = "shpeft-federated"', 'name = "shpeft-drill"'))
+        return app
+
+    def run(self, run_config: dict[str, Any], app: Path | None = None) -> int:
+        """``flwr run`` the app (the drill copy when a node drills); returns the run id."""
+        app = app or (self.drill_app() if self.drills else REPO / "federated")
         items = [
             f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
             for k, v in run_config.items()
@@ -408,11 +408,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         d.start_superlink()
         for i in range(args.supernodes):
             d.register(i)
-            cfg: dict[str, Any] = {"data-list": str(lists[i]), "num-threads": 1}
+            cfg: dict[str, Any] = {"dataset": str(lists[i]), "num-threads": 1}
             if args.checkpoint:
                 cfg["checkpoint"] = str(Path(args.checkpoint).absolute())
             d.start_supernode(i, cfg)
-        run_cfg: dict[str, Any] = {"out": str(workdir / "out"), "min-nodes": args.supernodes}
+        run_cfg: dict[str, Any] = {
+            "out": str(workdir / "out"),
+            "min-nodes": args.supernodes,
+            "overlays": "cpu_demo",
+            "account-bytes": True,
+        }
         for item in args.run_config:
             k, _, v = item.partition("=")
             try:
