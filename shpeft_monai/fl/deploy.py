@@ -300,7 +300,9 @@ class Deployment:
         app.mkdir(parents=True, exist_ok=True)
         text = (REPO / "federated" / "pyproject.toml").read_text()
         text = text.replace("shpeft_monai.fl.client_app:app", "shpeft_monai.fl.faults:drill_app")
-        (app / "pyproject.toml").write_text(text.replace('name = "shpeft-federated"', 'name = "shpeft-drill"'))
+        (app / "pyproject.toml").write_text(
+            text.replace('name = "shpeft-federated"', 'name = "shpeft-drill"')
+        )
         return app
 
     def run(self, run_config: dict[str, Any], app: Path | None = None) -> int:
