@@ -225,72 +225,115 @@ def robust(seed: int = 0) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------- sweep
 DRIVER = "shpeft_monai.fl.simulate"
-DP_FLAGS = ("--dp-epsilon", "--dp-delta")  # the simulation driver's options (issue 12 wiring)
+DP_FLAGS = ("--dp-epsilon", "--dp-delta", "--dp-clip")  # the simulation driver's options (issue 12 wiring)
 
 
 def _label(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:g}"
 
 
+PROBE = (1e6, 1e-15)  # clip that never binds and noise std 1e-9: a non-private run that logs update norms
+
+
+def _mean_norm(fed: dict[str, Any]) -> float:
+    """Mean over rounds of the sites' (example-weighted) pre-clip update norm, from the report."""
+    norms = [m["dp-norm"] for m in (fed.get("train_metrics_per_round") or {}).values() if "dp-norm" in m]
+    if not norms:
+        raise SystemExit("the probe run reported no dp-norm: is DP wired into the client app?")
+    return float(np.mean(norms))
+
+
+def _run(
+    driver: str, run_dir: Path, seed: int, extra: list[str], dp: list[str]
+) -> tuple[dict[str, Any], str, float]:
+    cmd = [
+        sys.executable,
+        "-m",
+        driver,
+        "--out",
+        str(run_dir),
+        "--seed",
+        str(seed),
+        "--no-baselines",
+        *extra,
+        *dp,
+    ]
+    print("+", " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    report = json.loads((run_dir / "report.json").read_text())
+    return report, "python -m " + " ".join(cmd[3:]), time.perf_counter() - t0
+
+
 def sweep(
-    epsilons: list[float], delta: float, seed: int, out: Path, extra: list[str], driver: str = DRIVER
-) -> list[dict[str, Any]]:
+    epsilons: list[float],
+    delta: float,
+    seed: int,
+    out: Path,
+    extra: list[str],
+    clip: float | None = None,
+    driver: str = DRIVER,
+    probe_as_inf: bool = False,
+) -> dict[str, Any]:
     """One federated simulation per epsilon (same seed, one at a time); ``inf`` runs without DP.
 
-    The centralised and local-only references are skipped (``--no-baselines``): they do not depend
-    on epsilon and are in ``benchmarks/results/fed_sim.json``. ``extra`` goes to the driver as is.
+    ``clip=None`` first runs a *probe*: DP switched on with a clip that never binds (1e6) and noise of
+    std 1e-9, i.e. a non-private run that reports the sites' update norms; the clip is then their
+    mean. With ``probe_as_inf`` the probe also serves as the ``inf`` row (one run fewer). The
+    centralised and local-only references are skipped (``--no-baselines``): they do not depend on
+    epsilon and are in ``benchmarks/results/fed_sim.json``. ``extra`` goes to the driver as is.
     """
     from shpeft_monai.fl.privacy import noise_multiplier_for
 
     help_text = subprocess.run(
         [sys.executable, "-m", driver, "--help"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
-    missing = [f for f in DP_FLAGS if f not in help_text]
+    missing = [f for f in (*DP_FLAGS, "--dp-noise-multiplier") if f not in help_text]
     if missing:
         raise SystemExit(f"python -m {driver} has no {missing} option(s): wire DP into the driver first")
-    rows = []
+    rows: list[dict[str, Any]] = []
+
+    def row(
+        eps: float | None, report: dict[str, Any], command: str, wall: float, **kw: Any
+    ) -> dict[str, Any]:
+        test, fed = report["federated_test"], report["federated"]
+        rounds = int(fed["settings"].get("num_server_rounds", 0)) or 1
+        return {
+            "epsilon": eps,
+            "delta": None if eps is None else delta,
+            "clip": None if eps is None else clip,
+            "noise_multiplier_expected": 0.0 if eps is None else noise_multiplier_for(eps, rounds, delta),
+            "privacy_reported": fed.get("privacy"),
+            "rounds": rounds,
+            "test_accuracy": test.get("accuracy"),
+            "test_macro_f1": test.get("f1"),
+            "test_auc": test.get("auc"),
+            "test_images": report.get("test_images"),
+            "accuracy_per_round": fed.get("accuracy_per_round"),
+            "train_metrics_per_round": fed.get("train_metrics_per_round"),
+            "rejected_replies": fed.get("rejected_replies"),
+            "command": command,
+            "wall_seconds": wall,
+            **kw,
+        }
+
+    if clip is None:
+        dp = ["--dp-noise-multiplier", f"{PROBE[1]:g}", DP_FLAGS[1], str(delta), DP_FLAGS[2], f"{PROBE[0]:g}"]
+        report, command, wall = _run(driver, out / "probe", seed, extra, dp)
+        clip = _mean_norm(report["federated"])
+        print(f"clip = mean update norm of the probe run: {clip:.6g}", flush=True)
+        rows.append(row(None, report, command, wall, probe=True))
     for eps in epsilons:
-        run_dir = out / f"eps-{_label(eps)}"
-        cmd = [
-            sys.executable,
-            "-m",
-            driver,
-            "--out",
-            str(run_dir),
-            "--seed",
-            str(seed),
-            "--no-baselines",
-            *extra,
-        ]
-        if not math.isinf(eps):
-            cmd += [DP_FLAGS[0], str(eps), DP_FLAGS[1], str(delta)]
-        print("+", " ".join(cmd[1:]), flush=True)
-        t0 = time.perf_counter()
-        subprocess.run(cmd, cwd=REPO, check=True)
-        report = json.loads((run_dir / "report.json").read_text())
-        test = report["federated_test"]
-        fed = report["federated"]
-        rounds = int(fed["settings"].get("num_server_rounds", 0)) or None
-        rows.append(
-            {
-                "epsilon": None if math.isinf(eps) else eps,
-                "delta": None if math.isinf(eps) else delta,
-                "noise_multiplier_expected": (
-                    0.0 if math.isinf(eps) or rounds is None else noise_multiplier_for(eps, rounds, delta)
-                ),
-                "privacy_reported": fed.get("privacy"),
-                "rounds": rounds,
-                "test_accuracy": test.get("accuracy"),
-                "test_macro_f1": test.get("f1"),
-                "test_auc": test.get("auc"),
-                "test_images": report.get("test_images"),
-                "accuracy_per_round": fed.get("accuracy_per_round"),
-                "rejected_replies": fed.get("rejected_replies"),
-                "command": "python -m " + " ".join([driver, *cmd[3:]]),
-                "wall_seconds": time.perf_counter() - t0,
-            }
+        if math.isinf(eps) and probe_as_inf and rows:
+            continue
+        dp = (
+            []
+            if math.isinf(eps)
+            else [DP_FLAGS[0], str(eps), DP_FLAGS[1], str(delta), DP_FLAGS[2], f"{clip:.6g}"]
         )
-    return rows
+        report, command, wall = _run(driver, out / f"eps-{_label(eps)}", seed, extra, dp)
+        rows.append(row(None if math.isinf(eps) else eps, report, command, wall, probe=False))
+    return {"seed": seed, "delta": delta, "clip": clip, "runs": rows}
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -318,16 +361,33 @@ def render(data: dict[str, Any]) -> str:
         "",
     ]
     if "sweep" in data:
+        sw = data["sweep"]["result"]
         lines += ["## Test accuracy against epsilon", "", f"`{data['sweep']['command']}`", ""]
         lines += [
-            "| epsilon (delta 1e-5) | noise multiplier | test accuracy | macro F1 | AUC | wall (s) |",
-            "|---|---|---|---|---|---|",
+            f"Seed {sw['seed']}; L2 clip {_f(sw['clip'], '.4g')} on the change of the k values and the head.",
+            "",
         ]
-        for r in data["sweep"]["result"]:
-            eps = "inf (no DP)" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        lines += [
+            "| epsilon (delta 1e-5) | noise multiplier | test accuracy | macro F1 | AUC | update norm | clipped | wall (s) |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|---|"]
+        for r in sw["runs"]:
+            eps = f"{r['epsilon']:g}" if r["epsilon"] is not None else "inf (no DP)"
+            if r.get("probe"):
+                eps = "inf (probe: clip 1e6, noise std 1e-9)"
             z = (r.get("privacy_reported") or {}).get("noise_multiplier", r["noise_multiplier_expected"])
+            tm = list((r.get("train_metrics_per_round") or {}).values())
+            norm = (
+                float(np.mean([m["dp-norm"] for m in tm])) if tm and all("dp-norm" in m for m in tm) else None
+            )
+            clipped = (
+                float(np.mean([m["dp-clipped"] for m in tm]))
+                if tm and all("dp-clipped" in m for m in tm)
+                else None
+            )
             lines.append(
-                f"| {eps} | {_f(z)} | {_f(r['test_accuracy'])} | {_f(r['test_macro_f1'])} | {_f(r['test_auc'])} | {_f(r['wall_seconds'], '.0f')} |"
+                f"| {eps} | {_f(z)} | {_f(r['test_accuracy'])} | {_f(r['test_macro_f1'])} | {_f(r['test_auc'])} "
+                f"| {_f(norm, '.4g')} | {_f(clipped, '.0%')} | {_f(r['wall_seconds'], '.0f')} |"
             )
         lines.append("")
     if "accountant" in data:
@@ -394,6 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epsilons", default="inf,8,2", help="comma-separated; inf = no DP")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dp-clip", default="auto", help="L2 clip of a site's change; auto = from a probe run")
+    p.add_argument("--probe-as-inf", action="store_true", help="the probe run is the inf row (one run fewer)")
     p.add_argument("--driver", default=DRIVER, help="simulation module run with python -m")
     p.add_argument("--clipping-range", type=float, default=8.0, help="SecAgg+ clipping range")
     p.add_argument("--max-weight", type=float, default=100.0, help="SecAgg+ max weight")
@@ -416,7 +478,8 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--epsilons must be comma-separated numbers or inf, got {args.epsilons!r}")
         if any(not e > 0 for e in epsilons):
             p.error(f"--epsilons must be > 0 (inf = no DP), got {args.epsilons!r}")
-        result = sweep(epsilons, args.delta, args.seed, args.out, extra, args.driver)
+        clip = None if args.dp_clip == "auto" else float(args.dp_clip)
+        result = sweep(epsilons, args.delta, args.seed, args.out, extra, clip, args.driver, args.probe_as_inf)
     print(json.dumps(result, indent=2))
     if not args.no_write:
         _update_results(args.part, result, command)

@@ -106,6 +106,15 @@ def test_exact_accountant_is_tightest(sigma: float) -> None:
     assert gdp < rdp < zcdp
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_tiny_noise_gives_a_huge_finite_epsilon(method: str) -> None:
+    """A clip-only run with negligible noise (what the sweep's probe uses) must not overflow."""
+    eps = [epsilon(s, 3, 1e-5, method=method) for s in (1e-15, 1e-9, 1e-5, 1e-4, 1e-3)]
+    assert all(math.isfinite(e) for e in eps)
+    assert all(a > b for a, b in itertools.pairwise(eps))
+    assert eps[0] > 1e29
+
+
 def test_no_noise_means_no_guarantee() -> None:
     assert epsilon(0.0, 3, 1e-5) == math.inf
     assert noise_multiplier_for(math.inf, 3, 1e-5) == 0.0

@@ -122,9 +122,10 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float, *, method: str =
     if method == "zcdp":
         rho = t / (2.0 * sigma**2)
         return rho + 2.0 * math.sqrt(rho * math.log(1.0 / delta))
-    if method == "rdp":
+    mu = math.sqrt(t) / sigma
+    if method == "rdp" or mu > _GDP_MAX_MU:  # beyond _GDP_MAX_MU: the (looser, stable) RDP bound
         return _rdp_epsilon(t / (2.0 * sigma**2), delta)
-    return _gdp_epsilon(math.sqrt(t) / sigma, delta)
+    return _gdp_epsilon(mu, delta)
 
 
 def noise_multiplier_for(target_epsilon: float, rounds: int, delta: float, *, method: str = "gdp") -> float:
@@ -152,9 +153,16 @@ def noise_multiplier_for(target_epsilon: float, rounds: int, delta: float, *, me
     return hi
 
 
+# Above this mu (noise multiplier below sqrt(rounds) / 1e4, epsilon above about 5e7) the exact curve
+# loses precision to cancellation between terms near mu^2 / 2; no useful setting comes close.
+_GDP_MAX_MU = 1e4
+
+
 def gdp_delta(mu: float, eps: float) -> float:
-    """Exact delta of mu-GDP at ``eps`` (Balle & Wang 2018, Thm. 8)."""
-    return math.exp(_log_phi(-eps / mu + mu / 2)) - math.exp(eps + _log_phi(-eps / mu - mu / 2))
+    """Exact delta of mu-GDP at ``eps`` (Balle & Wang 2018, Thm. 8), computed in log space."""
+    log_a = _log_phi(-eps / mu + mu / 2)
+    ratio = eps + _log_phi(-eps / mu - mu / 2) - log_a  # log(e^eps Phi(b) / Phi(a)) <= 0
+    return max(0.0, -math.exp(log_a) * math.expm1(min(ratio, 0.0)))
 
 
 def _gdp_epsilon(mu: float, delta: float) -> float:
