@@ -12,21 +12,18 @@ the node config; every key has a default because ``run_simulation()`` passes an 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from shpeft_monai import SHPEFTConfig, SparseMask, load_delta_values
+from shpeft_monai.fl.settings import CONFIGS, Settings
 from shpeft_monai.model import head_parameters
 
 __all__ = [
@@ -37,131 +34,12 @@ __all__ = [
     "evaluate_records",
     "global_state",
     "load_global",
+    "private_update",
 ]
 
 logger = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "br35h_shpeft" / "configs"
 ROUND_SEED = 1009  # round r of a site trains with seed + ROUND_SEED * r: a retried round repeats itself
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Run config (server and sites) and node config (one site) of a federated run.
-
-    Only what a federation must agree on or a site must say; the method and its recipe are the
-    bundle's. ``overlays`` names bundle overlays applied before the federated one (``cpu_demo``);
-    ``bundle`` holds extra bundle overrides as ``key=value`` items (``img_size=112 batch_size=16``).
-    """
-
-    num_server_rounds: int = 3
-    local_epochs: int = 1
-    overlays: str = ""
-    bundle: str = ""
-    pretrained: bool = True
-    num_classes: int = 2
-    seed: int = 0
-    candidate_factor: int = 4
-    min_nodes: int = 2
-    max_examples: int = 100_000
-    round_timeout: float = 3600.0  # seconds the server waits for replies before going on without them
-    aggregation: str = "mean"  # mean | median | trimmed_mean (shpeft_monai.fl.robust)
-    trim_fraction: float = 0.2
-    dp_epsilon: float = 0.0  # > 0: each site adds noise for this epsilon over all rounds
-    dp_noise_multiplier: float = 0.0  # or the noise multiplier itself
-    dp_clip: float = 0.0  # L2 bound of a site's change per round (needed with DP)
-    dp_delta: float = 1e-5
-    account_bytes: bool = False  # byte accounting and profiling (MeteredSparseFedAvg)
-    server_datalist: str = ""
-    out: str = "runs/fed-deploy"
-    # node config (one site)
-    dataset: str = ""  # a datalist JSON, a folder per class or a CSV (the bundle's `dataset`)
-    dataset_dir: str = ""
-    checkpoint: str = ""  # local pretrained weights file
-    work_dir: str = ""  # the site's bundle output_dir (default runs/fed-site/<node>)
-    device: str = ""  # default: the bundle's (CUDA when present)
-    num_threads: int = 0
-
-    @classmethod
-    def from_config(cls, *configs: Mapping[str, Any] | None) -> Settings:
-        """Merge Flower configs (later ones win); unknown keys are ignored, missing keys keep defaults."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for cfg in configs:
-            for key, value in dict(cfg or {}).items():
-                name = "dataset" if key == "data-list" else str(key).replace("-", "_")
-                if name not in fields:
-                    continue
-                default = fields[name].default
-                if isinstance(default, bool):
-                    value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-                elif isinstance(default, (int, float)):
-                    value = type(default)(value)
-                else:
-                    value = str(value)
-                values[name] = value
-        return cls(**values)
-
-    def config_files(self) -> list[str]:
-        names = [o.strip() for o in self.overlays.replace(",", " ").split() if o.strip()]
-        files = [CONFIGS / "train.yaml", *(CONFIGS / "overlays" / f"{n}.yaml" for n in names)]
-        files.append(CONFIGS / "overlays" / "federated.yaml")
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ValueError(f"overlays={self.overlays!r}: no such bundle overlay {missing}")
-        return [str(f) for f in files]
-
-    def overrides(self) -> dict[str, Any]:
-        """Bundle overrides: the ``bundle`` items, the seed, local epochs and the weights source."""
-        out: dict[str, Any] = {}
-        for item in self.bundle.split():
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"bundle={self.bundle!r}: item {item!r} is not key=value")
-            out[key] = yaml.safe_load(value)
-        out.update(seed=self.seed, max_epochs=self.local_epochs)
-        if not self.pretrained or self.checkpoint:  # same seeded weights at every node
-            kw = "pretrained=False" if not self.pretrained else f"checkpoint={self.checkpoint!r}"
-            out["network_def"] = f"$monai.utils.set_determinism(seed=@seed) or sb.build_network(@run, {kw})"
-        if self.device:
-            out["device"] = f"$torch.device({self.device!r})"
-        return out
-
-    def parser(self) -> Any:
-        """The bundle config of this run, parsed but not instantiated."""
-        from monai.bundle import ConfigParser
-
-        parser = ConfigParser()
-        parser.read_config(self.config_files())
-        parser.update(self.overrides())
-        return parser
-
-    def shpeft(self) -> SHPEFTConfig:
-        return SHPEFTConfig.from_dict(self.parser().get_parsed_content("shpeft"))
-
-    def privacy(self) -> Any:
-        """The sites' :class:`shpeft_monai.fl.privacy.PrivacyConfig`, or None without DP.
-
-        ``dp-noise-multiplier`` wins over ``dp-epsilon`` (which is turned into the smallest noise
-        multiplier reaching it over ``num-server-rounds`` rounds at ``dp-delta``)."""
-        if self.dp_noise_multiplier <= 0 and self.dp_epsilon <= 0:
-            return None
-        from shpeft_monai.fl import privacy
-
-        if self.dp_clip <= 0:
-            raise ValueError(
-                f"dp-epsilon={self.dp_epsilon} / dp-noise-multiplier={self.dp_noise_multiplier} need "
-                f"dp-clip > 0 (the L2 bound of a site's change per round), got {self.dp_clip}"
-            )
-        sigma = self.dp_noise_multiplier or privacy.noise_multiplier_for(
-            self.dp_epsilon, self.num_server_rounds, self.dp_delta
-        )
-        return privacy.PrivacyConfig(clip=self.dp_clip, noise_multiplier=sigma, delta=self.dp_delta)
-
-    def set_threads(self) -> None:
-        n = self.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        if n > 0:
-            torch.set_num_threads(n)
 
 
 def base_network(s: Settings) -> nn.Module:
@@ -232,6 +110,18 @@ def private_update(
     return new_values, new_head, stats
 
 
+class _Round(NamedTuple):
+    workflow: Any
+    model: nn.Module
+    cfg: SHPEFTConfig
+    optimizer: Any
+    losses: list[float]
+
+
+_ROUNDS: dict[tuple[str, str, Settings], _Round] = {}  # kept training workflows (simulation actors)
+_KEEP_ROUNDS = 4
+
+
 class SiteBundle:
     """One site's bundle, driven per message (``monai.fl.client.MonaiAlgo``'s pattern).
 
@@ -299,35 +189,60 @@ class SiteBundle:
             "n_eligible": n_eligible,
         }
 
+    def _round_workflow(self, mask: SparseMask) -> _Round:
+        """The site's initialised training workflow for ``mask``, kept for the next round in this
+        process (MonaiAlgo keeps its workflow between rounds; in deployment every message is a new
+        process and builds it again): the same result either way, see :meth:`train`."""
+        from ignite.engine import Events
+
+        key = (str(self.work_dir), mask.fingerprint, self.s)
+        hit = _ROUNDS.pop(key, None)
+        if hit is None:
+            wf = self.workflow(mask)
+            p = wf.parser
+            hit = _Round(
+                wf,
+                p.get_parsed_content("peft_network"),
+                SHPEFTConfig.from_dict(p.get_parsed_content("shpeft")),
+                p.get_parsed_content("optimizer"),
+                [],
+            )
+            losses = hit.losses
+            wf.trainer.add_event_handler(
+                Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item())
+            )
+        _ROUNDS[key] = hit
+        while len(_ROUNDS) > _KEEP_ROUNDS:
+            _ROUNDS.pop(next(iter(_ROUNDS)))
+        return hit
+
     def train(
         self, mask: SparseMask, values: np.ndarray, head: Mapping[str, np.ndarray], server_round: int
     ) -> tuple[np.ndarray, dict[str, np.ndarray], int, float]:
-        """One round: the bundle's trainer from the global values; returns (values, head, n, loss)."""
-        from ignite.engine import Events
+        """One round: the bundle's trainer from the global values; returns (values, head, n, loss).
+
+        Everything a round depends on is set here, so a kept workflow and a new one train alike:
+        the server's values and head, an empty optimizer state, and the round's seed for the
+        global generators, the loader's shuffle and the augmentation."""
         from monai.data.utils import set_rnd
         from monai.utils import set_determinism
 
-        wf = self.workflow(mask)
-        p = wf.parser
-        model = p.get_parsed_content("peft_network")
-        cfg = SHPEFTConfig.from_dict(p.get_parsed_content("shpeft"))
-        trainer = wf.trainer
-        load_global(model, mask, values, head, cfg)
+        r = self._round_workflow(mask)
+        load_global(r.model, mask, values, head, r.cfg)
+        r.optimizer.state.clear()
         seed = self.s.seed + ROUND_SEED * int(server_round)  # this round's shuffle and augmentation
         set_determinism(seed=seed)
+        trainer = r.workflow.trainer
         loader = trainer.data_loader
         if getattr(loader, "generator", None) is not None:
             loader.generator.manual_seed(seed)
         set_rnd(loader.dataset, seed)
-        losses: list[float] = []
-        trainer.add_event_handler(
-            Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item())
-        )
-        trainer.run()
-        loss = float(np.mean(losses)) if losses else float("nan")
+        r.losses.clear()
+        trainer.run()  # ignite restarts a finished engine from epoch 0: the round's own schedule
+        loss = float(np.mean(r.losses)) if r.losses else float("nan")
         if not math.isfinite(loss):
             raise FloatingPointError(f"local training diverged (mean loss {loss}); lower the bundle's `lr`")
-        new_values, new_head = global_state(model, mask)
+        new_values, new_head = global_state(r.model, mask)
         return new_values, new_head, len(loader.dataset), loss
 
     def evaluate(

@@ -1,0 +1,63 @@
+"""A federated site runs the bundle (issue 12): its base network is the server's, it trains through
+the bundle's trainer with the bundle's recipe, and a workflow kept between rounds (simulation
+actors) trains exactly like one built afresh (deployment: a new process per message).
+
+Slow: a tiny random ViT at 32 px through the real bundle configs on real Br35H images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "overlays": "cpu_demo",
+    "bundle": "network_name=vit_tiny_patch16_224 img_size=32 batch_size=4 "
+    "shpeft#calibration_batches=1 shpeft#head_warmup_steps=1",
+    "pretrained": False,
+}
+
+
+def test_site_trains_through_the_bundle_and_a_kept_workflow_equals_a_new_one(tmp_path):
+    from shpeft_monai.agreement import agree_mask, combine_candidates, site_candidates
+    from shpeft_monai.fl import task
+    from shpeft_monai.fl.partition import site_datalists
+    from shpeft_monai.fl.task import Settings, SiteBundle, base_network
+    from shpeft_monai.io import load_mask
+    from shpeft_monai.model import backbone_fingerprint, eligible_parameters, head_parameters
+    from shpeft_monai.scoring import task_agnostic_scores
+
+    (data,) = site_datalists(tmp_path / "data", 1, train_per_site=8, val_per_site=6)
+    s = Settings.from_config(TINY, {"dataset": str(data)})
+    cfg = s.shpeft()
+    base = base_network(s)
+    head0 = {n: p.detach().numpy().copy() for n, p in head_parameters(base, cfg).items()}
+    site = SiteBundle(s, tmp_path / "work")
+
+    c = site.calibrate(head0)
+    assert c["fingerprint"] == backbone_fingerprint(base, cfg)  # the server's base network
+    assert c["num_examples"] == 8
+    idx, sc = site_candidates(c["scores"], 40)
+    params = eligible_parameters(base, cfg)
+    ta = task_agnostic_scores(params, cfg.agnostic_estimator)
+    mask = agree_mask(cfg, combine_candidates([(idx, sc, 8)], c["n_eligible"]), ta, c["fingerprint"])
+
+    zeros = np.zeros(mask.k, np.float32)
+    v1, h1, n, loss = site.train(mask, zeros, head0, server_round=1)
+    assert n == 8 and np.isfinite(loss) and np.abs(v1).max() > 0  # the selected values moved
+    assert load_mask(tmp_path / "work" / "mask.safetensors").mask.fingerprint == mask.fingerprint
+    trainer = next(iter(task._ROUNDS.values())).workflow.trainer
+    assert trainer.optimizer.param_groups[0]["lr"] >= 0  # the bundle's optimizer (recipe groups)
+
+    kept = site.train(mask, v1, h1, server_round=2)  # the workflow kept from round 1
+    task._ROUNDS.clear()
+    new = site.train(mask, v1, h1, server_round=2)  # built again, as in a new process
+    np.testing.assert_array_equal(kept[0], new[0])
+    for name in kept[1]:
+        np.testing.assert_array_equal(kept[1][name], new[1][name])
+    assert not np.array_equal(kept[0], v1)
+
+    metrics = site.evaluate(mask, *new[:2])
+    assert metrics["num-examples"] == 6 and 0 <= metrics["accuracy"] <= 1
