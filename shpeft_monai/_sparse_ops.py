@@ -14,8 +14,9 @@ The cost floor of a sparse-tuning step is forward plus input-gradient backward (
 Autocast (``torch.autocast`` on CPU or CUDA, bf16 or fp16): inputs, weight and bias are cast to the
 autocast dtype as autocast would for ``linear``/``conv2d``; the saved columns are kept in that dtype
 (half the activation memory) and the entry gradients are still summed in float32. The backward pass
-runs with autocast disabled and casts the frozen weight again instead of keeping a low-precision
-copy alive between forward and backward.
+casts the frozen weight again instead of keeping a low-precision copy alive between forward and
+backward; every backward operation has explicit dtypes, so it gives the same result inside or
+outside an autocast region.
 """
 
 from __future__ import annotations
@@ -76,14 +77,13 @@ class SparseLinearFn(torch.autograd.Function):
     def backward(ctx: Any, go: torch.Tensor):
         xs, rows, colpos = ctx.saved_tensors
         grad_x = grad_bias = grad_delta = None
-        with torch.autocast(go.device.type, enabled=False):
-            go2 = go.reshape(-1, go.shape[-1])
-            if ctx.needs_input_grad[0]:
-                grad_x = go.matmul(ctx.weight.to(go.dtype))
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = go2.sum(0, dtype=torch.float32 if go.dtype != torch.float64 else None)
-            if ctx.needs_input_grad[3]:
-                grad_delta = entry_grads(go2, rows, xs.reshape(-1, xs.shape[-1]), colpos)
+        go2 = go.reshape(-1, go.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = go.matmul(ctx.weight.to(go.dtype))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = go2.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_delta = entry_grads(go2, rows, xs.reshape(-1, xs.shape[-1]), colpos)
         return grad_x, None, grad_bias, grad_delta, None, None, None
 
 
@@ -107,15 +107,13 @@ class SparseConv2dFn(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         grad_x = grad_bias = grad_delta = None
         w = ctx.weight
-        with torch.autocast(go.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:  # never for the first layer (its input is the images)
-                grad_x = torch.nn.grad.conv2d_input(
-                    ctx.x_shape, w.to(go.dtype), go, stride, padding, dilation, groups
-                )
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = go.sum(dim=(0, 2, 3), dtype=torch.float32 if go.dtype != torch.float64 else None)
-            if ctx.needs_input_grad[3]:
-                cols = F.unfold(xs, w.shape[2:], dilation=dilation, padding=padding, stride=stride)
-                g3 = go.reshape(go.shape[0], go.shape[1], -1)
-                grad_delta = entry_grads(g3, rows, cols, colpos)
+        if ctx.needs_input_grad[0]:  # never for the first layer (its input is the images)
+            grad_x = torch.nn.grad.conv2d_input(
+                ctx.x_shape, w.to(go.dtype), go, stride, padding, dilation, groups
+            )
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = go.sum(dim=(0, 2, 3))
+        if ctx.needs_input_grad[3]:
+            cols = F.unfold(xs, w.shape[2:], dilation=dilation, padding=padding, stride=stride)
+            grad_delta = entry_grads(go.reshape(go.shape[0], go.shape[1], -1), rows, cols, colpos)
         return grad_x, None, grad_bias, grad_delta, None, None, None, None

@@ -104,6 +104,18 @@ def test_peers_count_what_they_train(by_method: dict[str, dict]) -> None:
     assert probe["trainable_params"] == probe["head_params"] == sh["head_params"]
 
 
+def test_floor_trains_the_head_and_shpeft_counts_no_more_work(
+    report: dict, by_method: dict[str, dict]
+) -> None:
+    floor, sh, probe = by_method["floor"], by_method["shpeft"], by_method["linear_probe"]
+    assert floor["trainable_params"] == floor["updated_params"] == floor["head_params"]
+    # the floor runs the backward pass through the backbone (input gradients), the probe does not
+    assert floor["step_flops_per_sample"] > probe["step_flops_per_sample"]
+    # SH-PEFT's entry gradients are not GEMMs: its counted work never exceeds the floor's
+    assert sh["step_flops_per_sample"] <= floor["step_flops_per_sample"]
+    assert {"time_vs_floor", "cpu_time_vs_floor", "peak_vs_floor"} <= set(report["targets"]["tiny"])
+
+
 def test_report_has_ratios_targets_and_renders(report: dict, by_method: dict[str, dict]) -> None:
     assert by_method["full"]["time_vs_full"] == pytest.approx(1.0)
     assert by_method["full"]["peak_vs_full"] == pytest.approx(1.0)
@@ -128,3 +140,16 @@ def test_command_line_writes_json_and_markdown(tmp_path, monkeypatch) -> None:
     assert json.loads(out.read_text())["results"][0]["method"] == "linear_probe"
     assert out.with_suffix(".md").read_text().startswith("# Train-step cost")
     assert report["settings"]["threads"] == 2
+
+
+def test_command_line_autocast_bf16_trains_shpeft(tmp_path, monkeypatch) -> None:
+    from benchmarks import step_cost
+
+    monkeypatch.setitem(step_cost.MODELS, "tiny", TINY)
+    out = tmp_path / "step_cost.json"
+    argv = "--models tiny --methods shpeft --img-size 32 --batch-size 2 --steps 1 --warmup 0 --autocast bf16"
+    report = step_cost.main([*argv.split(), "--no-isolate", "--no-flops", "--out", str(out)])
+    (result,) = report["results"]
+    assert report["settings"]["amp"] == "bf16"
+    assert "error" not in result and result["final_loss"] == result["final_loss"]
+    assert result["trainable_params"] == result["selected_backbone_weights"] + result["head_params"]

@@ -16,7 +16,11 @@ same run, selection time". This program measures, for each model and method, one
   anything cheaper than GPS's own per-tensor float masks;
 * ``lora``: LoRA through Hugging Face ``peft`` (``LoraConfig(r=8, target_modules=["qkv"],
   modules_to_save=["head"])`` on the timm model), AdamW over its trainable parameters;
-* ``linear_probe``: the head alone (the floor: no backward pass through the backbone at all).
+* ``floor``: every backbone weight frozen and only the head trained, but the backward pass runs
+  through the whole backbone for input gradients (the patch embedding's output is marked as needing
+  a gradient): forward plus input-gradient backward, the cost a sparse method cannot go below.
+  SH-PEFT's ratio to it (``time_vs_floor`` in the targets) is what its sparse layers still add;
+* ``linear_probe``: the head alone (no backward pass through the backbone at all).
 
 What is reported, per method:
 
@@ -41,6 +45,7 @@ What is reported, per method:
   the last backward, and for SH-PEFT the selection time and its peak memory.
 
 Run ``python -m benchmarks.step_cost`` (CPU: 2 threads, batch 8) or ``--device cuda`` (batch 64);
+``--autocast bf16`` runs every forward pass under ``torch.autocast`` in bfloat16;
 results go to ``benchmarks/results/step_cost.json`` / ``step_cost_<gpu>.json`` and a markdown table
 beside it. Timing is never asserted anywhere: ``tests/test_bench_step.py`` checks the schema and the
 invariants (trainable counts, optimizer state) on a tiny model.

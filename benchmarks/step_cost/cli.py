@@ -47,7 +47,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none")
+    p.add_argument(
+        "--autocast",
+        "--amp",
+        dest="amp",
+        choices=("none", "bf16"),
+        default="none",
+        help="run forward passes under torch.autocast in this dtype (the sparse layers support bf16)",
+    )
     p.add_argument("--budget", type=float, default=1e-4, help="SH-PEFT budget (fraction or count)")
     p.add_argument(
         "--isolate",
@@ -125,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for model, t in report["targets"].items():
         print(
             f"[{model}] SH-PEFT time {fmt_ratio(t['time_vs_full'])} of full (<=0.70x: {t['time_vs_full_met']}), "
-            f"{fmt_ratio(t.get('time_vs_lora'))} of LoRA; peak {fmt_ratio(t.get('peak_vs_gps'))} of GPS; "
+            f"{fmt_ratio(t.get('time_vs_lora'))} of LoRA, {fmt_ratio(t.get('time_vs_floor'))} of the "
+            f"input-gradient floor; peak {fmt_ratio(t.get('peak_vs_gps'))} of GPS; "
             f"below full: {t['peak_below_full']}"
         )
     print(f"wrote {out} and {out.with_suffix('.md')} in {time.perf_counter() - t0:.0f}s")

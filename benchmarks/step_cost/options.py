@@ -7,7 +7,9 @@ from typing import Any
 
 __all__ = ["METHODS", "MODELS", "TARGETS", "StepOptions"]
 
-METHODS: tuple[str, ...] = ("full", "shpeft", "gps", "lora", "linear_probe")
+# ``floor``: every backbone weight frozen, the head trains, and the backward pass still runs through
+# the whole backbone for input gradients only: the cost below which no sparse method can go.
+METHODS: tuple[str, ...] = ("full", "shpeft", "gps", "lora", "floor", "linear_probe")
 
 # Model key -> how to build it. ``pretrained`` models go through shpeft_monai.networks.create_network.
 MODELS: dict[str, dict[str, Any]] = {

@@ -2,7 +2,8 @@
 
 ``gps`` is GPS-style gradient masking (dense AdamW with weight decay 0, gradients multiplied by the
 mask after ``backward()``); ``shpeft`` selects and injects through the library; ``lora`` goes
-through Hugging Face ``peft``. See the package docstring for what is measured.
+through Hugging Face ``peft``; ``floor`` is forward plus input-gradient backward through the frozen
+backbone (only the head trains). See the package docstring for what is measured.
 """
 
 from __future__ import annotations
@@ -26,6 +27,24 @@ def head_names(model: nn.Module) -> set[str]:
     from shpeft_monai.model import head_parameters
 
     return set(head_parameters(model, SHPEFTConfig()))
+
+
+def _input_gradients_from_the_first_layer(model: nn.Module) -> None:
+    """Make the backward pass run through the whole frozen backbone, as a sparse method's does.
+
+    The patch embedding's output (timm ViTs) is marked as needing a gradient, so every block computes
+    its input gradient and no weight gradient; like a sparse first layer, the patch embedding itself
+    computes no gradient of the images. Models without ``patch_embed`` mark their input instead.
+    """
+
+    def needs_grad(t: Any) -> Any:
+        return t.detach().requires_grad_() if torch.is_tensor(t) and t.is_floating_point() else t
+
+    embed = getattr(model, "patch_embed", None)
+    if isinstance(embed, nn.Module):
+        embed.register_forward_hook(lambda _m, _args, out: needs_grad(out))
+    else:
+        model.register_forward_pre_hook(lambda _m, args: tuple(needs_grad(a) for a in args))
 
 
 def count(params: Sequence[torch.Tensor] | Any) -> int:
@@ -66,6 +85,13 @@ def prepare_step(
     elif method == "linear_probe":
         for n, p in model.named_parameters():
             p.requires_grad_(n in head)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw)
+        info["updated_params"] = head_params
+
+    elif method == "floor":
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in head)
+        _input_gradients_from_the_first_layer(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw)
         info["updated_params"] = head_params
 

@@ -48,7 +48,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             "flops_vs_full": sh.get("flops_vs_full"),
         }
         t["time_vs_full_met"] = t["time_vs_full"] is not None and t["time_vs_full"] <= 0.70
-        for peer in ("lora", "gps"):
+        for peer in ("lora", "gps", "floor"):
             p = rs.get(peer)
             if p and "error" not in p:
                 t[f"time_vs_{peer}"] = _ratio(sh["step_s"], p["step_s"])
@@ -177,7 +177,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{'met' if t['time_vs_full_met'] else 'missed'}; process CPU time "
                 f"{fmt_ratio(t.get('cpu_time_vs_full'))}), {fmt_ratio(t.get('time_vs_lora'))} of LoRA "
                 f"(CPU time {fmt_ratio(t.get('cpu_time_vs_lora'))}) "
-                f"({'below' if t['time_below_lora'] else 'not below'}); peak memory {fmt_ratio(t.get('peak_vs_gps'))} "
+                f"({'below' if t['time_below_lora'] else 'not below'}); "
+                f"{fmt_ratio(t.get('time_vs_floor'))} of the input-gradient floor (CPU time "
+                f"{fmt_ratio(t.get('cpu_time_vs_floor'))}, peak {fmt_ratio(t.get('peak_vs_floor'))}); "
+                f"peak memory {fmt_ratio(t.get('peak_vs_gps'))} "
                 f"of GPS masking, below full: {t['peak_below_full']}, below GPS: {t['peak_below_gps']}; "
                 f"optimizer state {t['optimizer_state_bytes_per_trainable']:.1f} bytes per trainable value "
                 f"(O(k): {t['optimizer_state_is_O_k']}).",
