@@ -364,7 +364,9 @@ def render(data: dict[str, Any]) -> str:
         sw = data["sweep"]["result"]
         lines += ["## Test accuracy against epsilon", "", f"`{data['sweep']['command']}`", ""]
         lines += [
-            f"Seed {sw['seed']}; L2 clip {_f(sw['clip'], '.4g')} on the change of the k values and the head.",
+            f"Seed {sw['seed']}; L2 clip {_f(sw['clip'], '.4g')} on the change of the k values and the head (the "
+            "mean update norm of the probe run). Update norm: mean pre-clip norm of a site's change per round; "
+            "clipped: share of site updates clipped.",
             "",
         ]
         lines += [
@@ -386,7 +388,7 @@ def render(data: dict[str, Any]) -> str:
                 else None
             )
             lines.append(
-                f"| {eps} | {_f(z)} | {_f(r['test_accuracy'])} | {_f(r['test_macro_f1'])} | {_f(r['test_auc'])} "
+                f"| {eps} | {_f(z, '.3g')} | {_f(r['test_accuracy'])} | {_f(r['test_macro_f1'])} | {_f(r['test_auc'])} "
                 f"| {_f(norm, '.4g')} | {_f(clipped, '.0%')} | {_f(r['wall_seconds'], '.0f')} |"
             )
         lines.append("")
