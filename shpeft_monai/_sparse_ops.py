@@ -70,7 +70,9 @@ class SparseLinearFn(torch.autograd.Function):
         out = F.linear(x, weight.to(dt), _cast(bias, dt))
         ctx.weight = weight  # the frozen parameter itself (held by the module): no copy is saved
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x.index_select(-1, ucols) if ctx.needs_input_grad[3] else None, rows, colpos)
+        # gather from the 2-D view: index_select on the last dim of a 3-D tensor is ~3x slower on CPU
+        xs = x.reshape(-1, x.shape[-1]).index_select(1, ucols) if ctx.needs_input_grad[3] else None
+        ctx.save_for_backward(xs, rows, colpos)
         return out
 
     @staticmethod
@@ -83,7 +85,7 @@ class SparseLinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = go2.sum(0)
         if ctx.needs_input_grad[3]:
-            grad_delta = entry_grads(go2, rows, xs.reshape(-1, xs.shape[-1]), colpos)
+            grad_delta = entry_grads(go2, rows, xs, colpos)
         return grad_x, None, grad_bias, grad_delta, None, None, None
 
 
