@@ -576,6 +576,9 @@ def test_flower_app_manifest_has_no_dependencies_and_known_config_keys():
     fields = {f.name.replace("_", "-") for f in dataclasses.fields(Settings)}
     config = manifest["tool"]["flwr"]["app"]["config"]
     assert set(config) <= fields
+    from tests.test_federated_deploy import TINY  # `flwr run` refuses keys the manifest lacks
+
+    assert set(TINY) <= set(config)
     s = Settings.from_config(config)
     assert s == Settings(), "the manifest's defaults and Settings' defaults differ"
     # the method and its recipe are the bundle's: recipe.DEFAULTS, not the app's own settings

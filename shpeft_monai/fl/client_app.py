@@ -65,7 +65,7 @@ def _mask_for(msg: Message, context: Context) -> Any:
     return mask
 
 
-def _global(msg: Message, context: Context, site: Any) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:
+def _global(msg: Message, context: Context) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:
     """The agreed mask and the server's values and head, checked like a reply."""
     mask = _mask_for(msg, context)
     _, head = codec.split_arrays(msg.content[codec.ARRAYS])
@@ -111,7 +111,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         site = _site(context, overrides)
-        mask, values, head = _global(msg, context, site)
+        mask, values, head = _global(msg, context)
         server_round = int(msg.content[codec.CONFIG].get("server-round", 0))
         new_values, new_head, n, loss = site.train(mask, values, head, server_round)
         metrics = {"train-loss": loss}
@@ -136,7 +136,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         site = _site(context, overrides)
-        mask, values, head = _global(msg, context, site)
+        mask, values, head = _global(msg, context)
         metrics = site.evaluate(mask, values, head)
         return Message(content=RecordDict({codec.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
