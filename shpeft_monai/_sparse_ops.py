@@ -40,24 +40,25 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def entry_grads(go: torch.Tensor, rows: torch.Tensor, xs: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``out[j] = sum over dims 0 (and 2) of go[:, rows[j]] * xs[:, cols[j]]`` in float32.
+    """``out[j] = sum over dims 0 (and 2) of go[:, rows[j]] * xs[:, cols[j]]`` in float32 (or wider).
 
     ``go`` is (tokens, out) or (batch, out, positions); ``xs`` matches it with the saved columns.
     """
     dims = (0, 2) if go.dim() == 3 else (0,)
-    acc = torch.float64 if go.dtype == torch.float64 else torch.float32
-
-    def part(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return (go.index_select(1, r).to(acc) * xs.index_select(1, c).to(acc)).sum(dims)
-
+    acc = torch.promote_types(go.dtype, torch.float32)
     chunk = max(64, _MAX_TEMP // max(1, go.numel() // go.shape[1]))
-    if rows.numel() <= chunk:
-        return part(rows, cols)
-    return torch.cat([part(rows[s : s + chunk], cols[s : s + chunk]) for s in range(0, rows.numel(), chunk)])
+    parts = []
+    for s in range(0, rows.numel(), chunk):
+        a = go.index_select(1, rows[s : s + chunk] if rows.numel() > chunk else rows)
+        b = xs.index_select(1, cols[s : s + chunk] if rows.numel() > chunk else cols)
+        if a.dtype != acc:  # products and sums of low-precision factors in float32
+            a, b = a.to(acc), b.to(acc)
+        parts.append(a.mul_(b).sum(dims) if a.dtype == b.dtype else (a * b).sum(dims))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
+def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 class SparseLinearFn(torch.autograd.Function):
@@ -66,8 +67,8 @@ class SparseLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, delta, rows, ucols, colpos):
         dt = compute_dtype(x)
-        x = x.to(dt)
-        out = F.linear(x, weight.to(dt), _cast(bias, dt))
+        x = _to(x, dt)
+        out = F.linear(x, _to(weight, dt), _to(bias, dt))
         ctx.weight = weight  # the frozen parameter itself (held by the module): no copy is saved
         ctx.has_bias = bias is not None
         # gather from the 2-D view: index_select on the last dim of a 3-D tensor is ~3x slower on CPU
@@ -79,9 +80,10 @@ class SparseLinearFn(torch.autograd.Function):
     def backward(ctx: Any, go: torch.Tensor):
         xs, rows, colpos = ctx.saved_tensors
         grad_x = grad_bias = grad_delta = None
-        go2 = go.reshape(-1, go.shape[-1])
+        go2 = go.reshape(-1, go.shape[-1])  # one copy at most, when go is not contiguous
         if ctx.needs_input_grad[0]:
-            grad_x = go.matmul(ctx.weight.to(go.dtype))
+            w = _to(ctx.weight, go.dtype)
+            grad_x = go2.mm(w).view(*go.shape[:-1], w.shape[1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = go2.sum(0)
         if ctx.needs_input_grad[3]:
@@ -96,8 +98,8 @@ class SparseConv2dFn(torch.autograd.Function):
     def forward(ctx: Any, x, weight, bias, delta, rows, uchan, colpos, conv):
         stride, padding, dilation, groups = conv
         dt = compute_dtype(x)
-        x = x.to(dt)
-        out = F.conv2d(x, weight.to(dt), _cast(bias, dt), stride, padding, dilation, groups)
+        x = _to(x, dt)
+        out = F.conv2d(x, _to(weight, dt), _to(bias, dt), stride, padding, dilation, groups)
         ctx.weight, ctx.conv, ctx.x_shape = weight, conv, x.shape
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x.index_select(1, uchan) if ctx.needs_input_grad[3] else None, rows, colpos)
@@ -111,7 +113,7 @@ class SparseConv2dFn(torch.autograd.Function):
         w = ctx.weight
         if ctx.needs_input_grad[0]:  # never for the first layer (its input is the images)
             grad_x = torch.nn.grad.conv2d_input(
-                ctx.x_shape, w.to(go.dtype), go, stride, padding, dilation, groups
+                ctx.x_shape, _to(w, go.dtype), go, stride, padding, dilation, groups
             )
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = go.sum(dim=(0, 2, 3))
