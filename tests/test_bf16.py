@@ -62,7 +62,7 @@ CASES = {
 
 def _entry_grads(model: nn.Module, x: torch.Tensor, names: list[str], amp: bool) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=BF16, enabled=amp):
+    with torch.autocast(x.device.type, dtype=BF16, enabled=amp):
         out = model(x)
     out.float().square().mean().backward()
     grads = []
@@ -74,7 +74,7 @@ def _entry_grads(model: nn.Module, x: torch.Tensor, names: list[str], amp: bool)
 
 def _dense_grads(model: nn.Module, x: torch.Tensor, mask: SparseMask, amp: bool) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=BF16, enabled=amp):
+    with torch.autocast(x.device.type, dtype=BF16, enabled=amp):
         out = model(x)
     out.float().square().mean().backward()
     params = dict(model.named_parameters())
@@ -85,16 +85,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bf16_entry_gradients_agree_with_float32(case: str) -> None:
+def _check_entry_gradients(case: str, device: str) -> None:
     torch.manual_seed(0)
     make, shape, names = CASES[case]
-    model = make()
+    model = make().to(device)
     dense = copy.deepcopy(model)
     mask = _mask(model, names, per_tensor=40)
     inject(model, mask, SHPEFTConfig(head=()))
     assert isinstance(model.get_submodule(names[0].rpartition(".")[0]), (SparseConv2d, SparseLinear))
-    x = torch.randn(*shape)
+    x = torch.randn(*shape).to(device)
     fp32 = _entry_grads(model, x, sorted(mask.indices), amp=False)
     bf16 = _entry_grads(model, x, sorted(mask.indices), amp=True)
     assert fp32.dtype == bf16.dtype == torch.float32
@@ -103,6 +102,20 @@ def test_bf16_entry_gradients_agree_with_float32(case: str) -> None:
     dense_err = _rel(_dense_grads(dense, x, mask, amp=True), fp32)
     assert err < REL_TOL, (err, dense_err)
     assert err <= 1.5 * dense_err + 1e-3, (err, dense_err)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bf16_entry_gradients_agree_with_float32(case: str) -> None:
+    _check_entry_gradients(case, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", list(CASES))
+def test_bf16_entry_gradients_agree_with_float32_on_cuda(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # a float32 reference
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    _check_entry_gradients(case, "cuda")
 
 
 @pytest.mark.parametrize("case", list(CASES))
