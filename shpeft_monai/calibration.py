@@ -2,7 +2,10 @@
 
 Runs ``config.calibration_batches`` batches through the model in eval mode (no dropout, frozen
 norm statistics), back-propagates the task loss into the eligible tensors only, and accumulates L1
-or L2 gradient statistics (or their Taylor variants). Two calibration losses:
+or L2 gradient statistics (or their Taylor variants). By default the statistics stream: a
+post-accumulate-grad hook reduces each dense gradient into its accumulator the moment backward has
+produced it and frees it, so the pass never holds all gradients at once (bit-identical to reducing
+after backward). Two calibration losses:
 
 * ``ce``: cross-entropy through the classification head; with ``head_warmup_steps > 0`` the head is
   first trained alone for that many steps so that a random head does not drive the gradients;
@@ -12,9 +15,10 @@ or L2 gradient statistics (or their Taylor variants). Two calibration losses:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +29,13 @@ from tqdm.auto import tqdm
 from .config import SHPEFTConfig
 from .scoring import _check_finite, accumulate_gradient
 
-__all__ = ["calibrate", "default_prepare_batch", "supervised_contrastive_loss", "warm_up_head"]
+__all__ = [
+    "activation_checkpointing",
+    "calibrate",
+    "default_prepare_batch",
+    "supervised_contrastive_loss",
+    "warm_up_head",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +154,31 @@ def _streaming_hooks(
     return [p.register_post_accumulate_grad_hook(make(n)) for n, p in params.items()]
 
 
+@contextlib.contextmanager
+def activation_checkpointing(model: nn.Module, enable: bool = True) -> Iterator[bool]:
+    """Within the block, a timm model recomputes each block's activations in backward instead of
+    keeping them (``set_grad_checkpointing``, non-reentrant only, so that every parameter still gets
+    its gradient); other models are left alone. Yields whether checkpointing is on. In eval mode
+    the recomputation repeats the same operations on the same inputs, so gradients are unchanged."""
+    setter = getattr(model, "set_grad_checkpointing", None)
+    on = False
+    if enable and callable(setter):
+        try:
+            from timm.layers import use_reentrant_ckpt
+
+            if not use_reentrant_ckpt():
+                before = bool(getattr(model, "grad_checkpointing", False))
+                setter(True)
+                on = True
+        except (ImportError, NotImplementedError, AssertionError, AttributeError):
+            on = False
+    try:
+        yield on
+    finally:
+        if on:
+            setter(before)
+
+
 def _micro_batches(
     x: torch.Tensor, y: torch.Tensor, size: int | None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -164,6 +199,7 @@ def calibrate(
     progress: bool = True,
     streaming: bool = True,
     micro_batch: int | None = None,
+    checkpointing: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Accumulate task-specific importance of ``params`` over the first calibration batches.
 
@@ -175,7 +211,9 @@ def calibrate(
     each loss scaled by its share of the batch, and reduces the summed gradient after the last
     slice: the same estimator (the batch gradient) with a fraction of the activation memory, at the
     price of one dense gradient per tensor during the batch and float rounding of the sum (masks can
-    differ from the whole-batch ones in near-ties).
+    differ from the whole-batch ones in near-ties). ``checkpointing`` (default) recomputes a timm
+    model's blocks in backward instead of keeping their activations (one more forward per batch,
+    same gradients; see :func:`activation_checkpointing`).
 
     Returns:
         name -> float32 CPU tensor of the same shape, ``sum |g|`` (l1) or ``sum g^2`` (l2), or the
@@ -200,7 +238,9 @@ def calibrate(
     ce = loss_fn or F.cross_entropy
     handles: list = []
     model.eval()
+    ckpt = contextlib.ExitStack()
     try:
+        ckpt.enter_context(activation_checkpointing(model, checkpointing and streaming))
         for p in model.parameters():
             p.requires_grad_(False)
         for p in params.values():
@@ -236,6 +276,7 @@ def calibrate(
                         accumulate_gradient(acc[n], p.grad, p, config.task_estimator, config.taylor)
                         p.grad = None
     finally:
+        ckpt.close()
         for h in handles:
             h.remove()
         for p, s in states.items():

@@ -38,9 +38,13 @@ _CONV = nn.modules.conv._ConvNd
 def magnitude_scores(params: Mapping[str, torch.Tensor], estimator: str = "l1") -> LazyScores:
     """``|w|`` or ``w**2`` of each tensor, float32 on CPU, computed on access (NaN/Inf refused)."""
 
+    checked: set[str] = set()
+
     def score(name: str) -> torch.Tensor:
         w = params[name].detach().to("cpu", torch.float32)
-        _check_finite(name, w, "pretrained weight")
+        if name not in checked:  # selection reads each tensor several times: check it once
+            _check_finite(name, w, "pretrained weight")
+            checked.add(name)
         return w.abs() if estimator == "l1" else w.square()
 
     return LazyScores({n: p.shape for n, p in params.items()}, score)

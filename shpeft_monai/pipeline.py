@@ -76,6 +76,7 @@ def select_mask(
     progress: bool = True,
     streaming: bool = True,
     micro_batch: int | None = None,
+    checkpointing: bool = True,
 ) -> SparseMask:
     """Select exactly ``config.budget`` backbone weights of ``model`` by SH-PEFT importance.
 
@@ -86,7 +87,8 @@ def select_mask(
     ``streaming`` (default) reduces gradients as backward produces them and scores one tensor at a
     time (:mod:`.streaming`); ``streaming=False`` is the reference path (every score materialised and
     concatenated), kept for comparison: both give the same mask. ``micro_batch`` splits calibration
-    batches into slices of that many samples (see :func:`.calibration.calibrate`).
+    batches into slices of that many samples; ``checkpointing`` (streaming, timm models) recomputes
+    block activations in backward instead of keeping them (both: :func:`.calibration.calibrate`).
     """
     t0 = time.perf_counter()
     params = eligible_parameters(model, config)
@@ -125,6 +127,7 @@ def select_mask(
                 progress=progress,
                 streaming=streaming,
                 micro_batch=micro_batch,
+                checkpointing=checkpointing,
             )
     picked = stream_select(config, k, ts, ta) if streaming else select_indices(config, k, ts, ta)
     mask = SparseMask(

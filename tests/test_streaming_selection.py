@@ -144,3 +144,40 @@ def test_micro_batch_refused_where_it_would_change_the_estimator() -> None:
     cfg = SHPEFTConfig(hybrid="task_specific", head=("7",), calibration_loss="supcon")
     with pytest.raises(ValueError, match="micro_batch"):
         calibrate(net, _loader(), params, cfg, progress=False, micro_batch=2)
+
+
+def _tiny_vit() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        depth=2,
+        num_classes=2,
+        embed_dim=48,
+        num_heads=2,
+    )
+
+
+def test_checkpointed_streaming_calibration_is_bit_identical_on_a_timm_vit() -> None:
+    cfg = SHPEFTConfig(hybrid="task_specific", calibration_batches=2, head_warmup_steps=0)
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, 32, 32, generator=gen), torch.tensor([0, 1, 0, 1])) for _ in range(2)]
+    net = _tiny_vit()
+    params = {
+        n: p for n, p in net.named_parameters() if n.endswith("weight") and p.dim() > 1 and "head" not in n
+    }
+    ref = calibrate(net, data, params, cfg, progress=False, streaming=False)
+    seen = []
+    net.blocks[0].register_forward_pre_hook(lambda *_: seen.append(1))
+    got = calibrate(net, data, params, cfg, progress=False)
+    assert len(seen) == 4  # each block forward ran twice per batch: once more in backward (recomputed)
+    assert net.grad_checkpointing is False  # restored
+    for n in ref:
+        assert torch.equal(ref[n], got[n]), n
+    for mode in (dict(), dict(hybrid="union"), dict(threshold="per_row")):
+        c = SHPEFTConfig(budget=60, calibration_batches=2, head_warmup_steps=0, **mode)
+        a = select_mask(_tiny_vit(), c, data, progress=False, streaming=False)
+        b = select_mask(_tiny_vit(), c, data, progress=False)
+        assert _same(a.indices, b.indices), mode
