@@ -7,10 +7,13 @@ normalisation, global threshold, budget 1e-4) on one calibration batch of random
 
 * ``gradient_reference``: ``select_mask(..., streaming=False)``, every gradient kept until backward
   ends, every score materialised, concatenated and sorted (the path before streaming);
-* ``gradient_streaming``: the default: gradients reduced by hooks and freed at once, one score
-  tensor at a time, exact global ranks without concatenation;
-* ``gradient_micro``: streaming with the batch run in micro-batches of ``--micro-batch`` samples
-  (the same estimator; float rounding of the summed gradient can move near-ties);
+* ``gradient_streaming``: the default: gradients reduced by hooks and freed at once, timm blocks
+  recomputed in backward (checkpointing), one score tensor at a time, exact global ranks without
+  concatenation;
+* ``gradient_plain``: streaming without checkpointing (every block's activations kept);
+* ``gradient_micro`` (not run by default): streaming with the batch run in micro-batches of
+  ``--micro-batch`` samples (the same estimator; float rounding of the summed gradient can move
+  near-ties);
 * ``activation``: the forward-only estimator (``task_signal="activation"``, FPS-style).
 
 Each selection runs in a fresh spawned process; peak memory is measured as ``benchmarks.step_cost``
@@ -42,7 +45,14 @@ from benchmarks.step_cost.run import _in_subprocess
 
 __all__ = ["ESTIMATORS", "main", "measure_selection"]
 
-ESTIMATORS: tuple[str, ...] = ("gradient_reference", "gradient_streaming", "gradient_micro", "activation")
+ESTIMATORS: tuple[str, ...] = (
+    "gradient_reference",
+    "gradient_streaming",
+    "gradient_plain",
+    "gradient_micro",
+    "activation",
+)
+DEFAULT_ESTIMATORS = ("gradient_reference", "gradient_streaming", "gradient_plain", "activation")
 TARGET_ACTIVATION_VS_FULL = 0.2
 MiB = 2**20
 
@@ -75,6 +85,8 @@ def measure_selection(
     kwargs: dict[str, Any] = {"streaming": estimator != "gradient_reference"}
     if estimator == "gradient_micro":
         kwargs["micro_batch"] = micro_batch
+    if estimator == "gradient_plain":
+        kwargs["checkpointing"] = False
     mem.reset()
     t0 = time.perf_counter()
     mask = select_mask(model, cfg, [(x, y)], device=device, progress=False, **kwargs)
@@ -103,7 +115,7 @@ def measure_selection(
 
 
 def _differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
-    """Entries selected by one mask and not the other (each side counted once)."""
+    """Entries of ``a`` not in ``b`` (for two masks of one budget, as many as the other way round)."""
     out = 0
     for n in set(a) | set(b):
         x = a.get(n, torch.zeros(0, dtype=torch.int64))
@@ -191,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         prog="python -m benchmarks.selection_cost", description=__doc__.splitlines()[0]
     )
     p.add_argument("--models", default="vit_s14,vit_b16", help=f"comma list of {sorted(MODELS)}")
-    p.add_argument("--estimators", default=",".join(ESTIMATORS), help=f"comma list of {ESTIMATORS}")
+    p.add_argument("--estimators", default=",".join(DEFAULT_ESTIMATORS), help=f"comma list of {ESTIMATORS}")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=2)
