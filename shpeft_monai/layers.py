@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._sparse_ops import SparseConv2dFn, SparseLinearFn
+from .sparse import DeltaMismatchError
 
 __all__ = [
     "DELTA_NAME",
@@ -111,9 +112,19 @@ class SparseDeltaLayer:
         return self.shpeft_delta.detach().to("cpu", torch.float32).clone()
 
     def load_delta(self, values: torch.Tensor) -> None:
-        """Set the trained values (resume, federated rounds); shape ``(k,)``."""
+        """Set the trained values (resume, federated rounds); shape ``(k,)``.
+
+        Raises:
+            DeltaMismatchError: ``values`` does not have this site's ``(k,)`` shape.
+        """
+        values = torch.as_tensor(values)
+        if values.shape != self.shpeft_delta.shape:
+            raise DeltaMismatchError(
+                f"delta values have shape {tuple(values.shape)}, this site expects "
+                f"{tuple(self.shpeft_delta.shape)}: they were trained with another mask."
+            )
         with torch.no_grad():
-            self.shpeft_delta.copy_(torch.as_tensor(values))
+            self.shpeft_delta.copy_(values)
 
 
 class _FastPath(SparseDeltaLayer):
@@ -128,7 +139,11 @@ class _FastPath(SparseDeltaLayer):
     @classmethod
     def attach(cls, module: nn.Module, pname: str, index: torch.Tensor) -> SparseDeltaLayer:
         if fast_path_class(module, pname) is not cls:
-            raise TypeError(f"{cls.__name__} cannot attach to {type(module).__name__}.{pname}.")
+            raise TypeError(
+                f"{cls.__name__}.attach: {type(module).__name__}.{pname} has no such fast path (only "
+                "nn.Linear.weight and zero-padded nn.Conv2d.weight do); call layers.attach(), which "
+                "falls back to SparseOverwrite."
+            )
         base_class = type(module)
         module.__class__ = cls
         site: _FastPath = module  # type: ignore[assignment]

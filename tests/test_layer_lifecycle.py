@@ -19,7 +19,7 @@ from shpeft_monai.layers import (
     detach,
     layer_of,
 )
-from shpeft_monai.sparse import fingerprint_tensors
+from shpeft_monai.sparse import DeltaMismatchError, fingerprint_tensors
 
 # (module factory, tensor name, expected site class)
 SITES = {
@@ -135,6 +135,10 @@ def test_load_delta_and_delta_values_round_trip() -> None:
     values = torch.randn(index.numel())
     site.load_delta(values)
     assert torch.equal(site.delta_values(), values)
+    with pytest.raises(DeltaMismatchError, match="another mask"):
+        site.load_delta(torch.zeros(index.numel() + 1))
+    with pytest.raises(TypeError, match="no such fast path"):
+        SparseLinear.attach(nn.Conv2d(2, 2, 1), "weight", torch.tensor([0]))
 
 
 def _mixed_model() -> nn.Module:
