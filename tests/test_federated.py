@@ -607,3 +607,38 @@ def test_mask_broadcast_carries_the_mask_once():
     agree(grid, s, config=CFG, task_agnostic=ta, base_fingerprint=fp, initial_arrays=init)
     bcast = [m for m in grid.sent if m.metadata.message_type == "query.mask"]
     assert len(bcast) == 2 and all(set(m.content.keys()) == {codec.MASK, codec.CONFIG} for m in bcast)
+
+
+def test_initial_head_is_the_weighted_mean_of_the_sites_warmed_heads():
+    """Sites warm their head up before scoring (the bundle's recipe) and send it with their
+    candidates; a malformed head drops that site's whole candidates reply."""
+    _, params, ta, fp = tiny_setup()
+    n_el = sum(p.numel() for p in params.values())
+
+    def site(value: float, n: int, head_shapes=HEAD):
+        def handle(msg: Message):
+            if msg.metadata.message_type == "query.mask":
+                return Message(
+                    content=RecordDict({codec.METRICS: MetricRecord({"mask-ok": 1})}), reply_to=msg
+                )
+            head = {k: np.full(s, value, np.float32) for k, s in head_shapes.items()}
+            rd = codec.encode_candidates(
+                np.array([3, 9], np.int64),
+                np.array([1.0, 0.5], np.float32),
+                num_examples=n,
+                base_fingerprint=fp,
+                n_eligible=n_el,
+                head=head,
+            )
+            return Message(content=rd, reply_to=msg)
+
+        return handle
+
+    bad_shapes = {"2.weight": (3, 8), "2.bias": (2,)}
+    grid = FakeGrid({1: site(1.0, 10), 2: site(4.0, 30), 3: site(100.0, 60, bad_shapes)})
+    s = SparseDeltaFedAvg(head_shapes=HEAD, min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0)
+    init = codec.update_arrays(np.zeros(CFG.budget_for(n_el), np.float32), head_arrays(0))
+    agree(grid, s, config=CFG, task_agnostic=ta, base_fingerprint=fp, initial_arrays=init)
+    assert [(r["phase"], r["node"]) for r in s.rejected] == [("candidates", 3)]
+    assert "expected float (2, 8)" in s.rejected[0]["reason"]
+    np.testing.assert_allclose(s.initial_head["2.weight"], np.full((2, 8), (10 * 1 + 30 * 4) / 40))

@@ -17,6 +17,7 @@ TINY = {
     "bundle": "network_name=vit_tiny_patch16_224 img_size=32 batch_size=4 "
     "shpeft#calibration_batches=1 shpeft#head_warmup_steps=1",
     "pretrained": False,
+    "num-server-rounds": 3,
 }
 
 
@@ -39,6 +40,7 @@ def test_site_trains_through_the_bundle_and_a_kept_workflow_equals_a_new_one(tmp
     c = site.calibrate(head0)
     assert c["fingerprint"] == backbone_fingerprint(base, cfg)  # the server's base network
     assert c["num_examples"] == 8
+    assert not np.array_equal(c["head"]["head.weight"], head0["head.weight"])  # warmed up, as the bundle does
     idx, sc = site_candidates(c["scores"], 40)
     params = eligible_parameters(base, cfg)
     ta = task_agnostic_scores(params, cfg.agnostic_estimator)
@@ -49,9 +51,14 @@ def test_site_trains_through_the_bundle_and_a_kept_workflow_equals_a_new_one(tmp
     assert n == 8 and np.isfinite(loss) and np.abs(v1).max() > 0  # the selected values moved
     assert load_mask(tmp_path / "work" / "mask.safetensors").mask.fingerprint == mask.fingerprint
     trainer = next(iter(task._ROUNDS.values())).workflow.trainer
-    assert trainer.optimizer.param_groups[0]["lr"] >= 0  # the bundle's optimizer (recipe groups)
 
     kept = site.train(mask, v1, h1, server_round=2)  # the workflow kept from round 1
+    # one learning-rate schedule over all rounds: round 2 resumed at round 1's last step (2 steps/epoch)
+    assert (trainer.state.epoch, trainer.state.iteration) == (2, 4)
+    from shpeft_monai.recipe import DEFAULTS, lr_factor
+
+    peak = DEFAULTS.lr_selected * lr_factor(3, 6, warmup=DEFAULTS.warmup, schedule=DEFAULTS.schedule)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(peak)
     task._ROUNDS.clear()
     new = site.train(mask, v1, h1, server_round=2)  # built again, as in a new process
     np.testing.assert_array_equal(kept[0], new[0])

@@ -98,6 +98,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
             num_examples=c["num_examples"],
             base_fingerprint=c["fingerprint"],
             n_eligible=c["n_eligible"],
+            head=c["head"],
         )
         return Message(content=content, reply_to=msg)
 

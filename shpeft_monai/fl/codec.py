@@ -36,6 +36,7 @@ __all__ = [
     "METRICS",
     "NUM_EXAMPLES",
     "ReplyRejected",
+    "decode_candidate_head",
     "decode_candidates",
     "decode_mask",
     "decode_update",
@@ -221,17 +222,25 @@ def decode_mask(content: RecordDict, mask_key: str = MASK, config_key: str = CON
 
 # ---------------------------------------------------------------- mask agreement candidates (once)
 def encode_candidates(
-    indices: np.ndarray, scores: np.ndarray, *, num_examples: int, base_fingerprint: str, n_eligible: int
+    indices: np.ndarray,
+    scores: np.ndarray,
+    *,
+    num_examples: int,
+    base_fingerprint: str,
+    n_eligible: int,
+    head: Mapping[str, np.ndarray] | None = None,
 ) -> RecordDict:
-    """A site's top task-specific candidates: global flat indices and their scores, never data."""
+    """A site's top task-specific candidates: global flat indices and their scores, never data;
+    with ``head``, the head the site warmed up before scoring (the bundle's recipe)."""
+    arrays = {
+        "indices": _array(np.asarray(indices, dtype=np.int64)),
+        "scores": _array(np.asarray(scores, dtype=np.float32)),
+    }
+    for name in sorted(head or {}):
+        arrays[HEAD_PREFIX + name] = _array(np.asarray(head[name], dtype=np.float32))
     return RecordDict(
         {
-            ARRAYS: ArrayRecord(
-                {
-                    "indices": _array(np.asarray(indices, dtype=np.int64)),
-                    "scores": _array(np.asarray(scores, dtype=np.float32)),
-                }
-            ),
+            ARRAYS: ArrayRecord(arrays),
             CONFIG: ConfigRecord({BASE_FP: base_fingerprint, "n-eligible": int(n_eligible)}),
             METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples)}),
         }
@@ -272,6 +281,33 @@ def decode_candidates(
     if not np.isfinite(sc).all() or (sc < 0).any():
         raise ReplyRejected("candidate scores must be finite and >= 0")
     return idx, sc.astype(np.float32), num_examples(content, max_examples)
+
+
+def decode_candidate_head(
+    content: RecordDict, head_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, np.ndarray] | None:
+    """The warmed-up head of a candidates reply, or None when the site sent none.
+
+    Raises:
+        ReplyRejected: part of the head is missing, or a tensor has another shape, a non-float
+            dtype or NaN/Inf values.
+    """
+    arrays = _get(content, ARRAYS, ArrayRecord)
+    names = [k for k in arrays if k.startswith(HEAD_PREFIX)]
+    if not names:
+        return None
+    head: dict[str, np.ndarray] = {}
+    for name, shape in head_shapes.items():
+        t = _numpy(arrays, HEAD_PREFIX + name)
+        if not np.issubdtype(t.dtype, np.floating) or tuple(t.shape) != tuple(shape):
+            raise ReplyRejected(f"head {name!r} has {t.dtype} {t.shape}, expected float {tuple(shape)}")
+        if not np.isfinite(t).all():
+            raise ReplyRejected(f"head {name!r} contains NaN/Inf")
+        head[name] = t.astype(np.float32)
+    extra = sorted(set(names) - {HEAD_PREFIX + n for n in head_shapes})
+    if extra:
+        raise ReplyRejected(f"unexpected arrays {extra[:5]}")
+    return head
 
 
 # ---------------------------------------------------------------- accounting

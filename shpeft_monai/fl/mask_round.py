@@ -5,6 +5,9 @@ The server queries the sampled sites for their top ``candidate_factor * k`` task
 reply (:func:`shpeft_monai.fl.codec.decode_candidates`; a bad one is dropped and logged with its node
 id), applies the core rule (:func:`shpeft_monai.agreement.agree_mask`) and broadcasts the mask to
 every connected node. Sites that do not acknowledge it get it again with their first train message.
+A site's bundle warms its head up before scoring (as centralised selection does) and sends that head
+along; the example-weighted mean of the accepted heads becomes the initial global head
+(``strategy.initial_head``; the server's own head when no site sent one).
 """
 
 from __future__ import annotations
@@ -63,26 +66,34 @@ def agree(
     )
     msgs = [Message(content=request, message_type=CANDIDATES_TYPE, dst_node_id=n) for n in sorted(node_ids)]
     replies = grid.send_and_receive(strategy.outgoing("candidates", 0, msgs), timeout=timeout)
-    cands = []
+    cands, heads = [], []
     for msg in strategy.incoming("candidates", 0, replies):
         try:
-            cands.append(
-                codec.decode_candidates(
-                    msg.content,
-                    base_fingerprint=base_fingerprint,
-                    n_eligible=n_eligible,
-                    max_candidates=n_top,
-                    max_examples=strategy.max_examples,
-                )
+            cand = codec.decode_candidates(
+                msg.content,
+                base_fingerprint=base_fingerprint,
+                n_eligible=n_eligible,
+                max_candidates=n_top,
+                max_examples=strategy.max_examples,
             )
+            heads.append((codec.decode_candidate_head(msg.content, strategy.head_shapes), cand[2]))
         except ReplyRejected as exc:
             strategy.reject("candidates", 0, msg.metadata.src_node_id, str(exc))
+            continue
+        cands.append(cand)
     if len(cands) < max(strategy.min_valid_replies, 1):
         raise RuntimeError(
             f"mask agreement: {len(cands)} valid candidate replies, need {strategy.min_valid_replies}; "
             f"rejections: {strategy.rejected}"
         )
     strategy.mask = agree_mask(config, combine_candidates(cands, n_eligible), task_agnostic, base_fingerprint)
+    warmed = [(h, n) for h, n in heads if h is not None]
+    if warmed:  # the bundle warms the head up before it selects: start from those heads, averaged
+        total = float(sum(n for _, n in warmed))
+        strategy.initial_head = {
+            name: (sum(n * h[name].astype(np.float64) for h, n in warmed) / total).astype(np.float32)
+            for name in strategy.head_shapes
+        }
     strategy.mask_record = codec.encode_mask(strategy.mask)
     logger.info(
         "agreed mask of k=%d from %d sites (%d candidates each at most), fingerprint %s",

@@ -112,6 +112,8 @@ def run_server(
         candidate_factor=s.candidate_factor,
         timeout=s.round_timeout,
     )
+    if strategy.initial_head is not None:  # rounds start from the sites' warmed-up heads
+        initial = codec.update_arrays(np.zeros(k, np.float32), strategy.initial_head)
     t_mask = time.perf_counter() - t0
     strategy.summary()
 

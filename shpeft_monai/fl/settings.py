@@ -99,7 +99,7 @@ class Settings:
             if not sep:
                 raise ValueError(f"bundle={self.bundle!r}: item {item!r} is not key=value")
             out[key] = yaml.safe_load(value)
-        out.update(seed=self.seed, max_epochs=self.local_epochs)
+        out.update(seed=self.seed, max_epochs=self.local_epochs, fl_rounds=self.num_server_rounds)
         if not self.pretrained or self.checkpoint:  # same seeded weights at every node
             kw = "pretrained=False" if not self.pretrained else f"checkpoint={self.checkpoint!r}"
             out["network_def"] = f"$monai.utils.set_determinism(seed=@seed) or sb.build_network(@run, {kw})"

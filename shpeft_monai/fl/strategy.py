@@ -95,6 +95,7 @@ class SparseDeltaFedAvg(FedAvg):
         self.mask: Any = None  # set by shpeft_monai.fl.mask_round.agree
         self.mask_record: RecordDict | None = None
         self.acked: set[int] = set()
+        self.initial_head: dict[str, np.ndarray] | None = None  # the sites' warmed heads, averaged
         self.rejected: list[dict[str, Any]] = []
         self.privacy: dict[str, Any] = {}  # what the sites were told (noise multiplier, clip, delta)
         self._sent: list[Message] = []  # the messages of the phase in flight

@@ -162,7 +162,8 @@ class SiteBundle:
 
     def calibrate(self, head: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Task-specific scores of every eligible weight on this site's data, as the bundle selects:
-        head warm-up from the server's initial head, then the calibration pass."""
+        head warm-up from the server's initial head, then the calibration pass. Returns the scores,
+        the example count, the base fingerprint, the eligible count and the warmed-up head."""
         from shpeft_monai.calibration import calibrate
         from shpeft_monai.model import backbone_fingerprint, eligible_parameters
         from shpeft_monai.pipeline import warm_up_head_for_selection
@@ -187,6 +188,7 @@ class SiteBundle:
             "num_examples": len(loader.dataset),
             "fingerprint": fp,
             "n_eligible": n_eligible,
+            "head": {n: t.detach().float().cpu().numpy() for n, t in hp.items()},  # warmed up
         }
 
     def _round_workflow(self, mask: SparseMask) -> _Round:
@@ -238,12 +240,27 @@ class SiteBundle:
             loader.generator.manual_seed(seed)
         set_rnd(loader.dataset, seed)
         r.losses.clear()
-        trainer.run()  # ignite restarts a finished engine from epoch 0: the round's own schedule
+        # round r continues one schedule over all rounds: resume at epoch (r - 1) * local epochs
+        epochs, steps, rnd = self.s.local_epochs, len(loader), max(int(server_round), 1)
+        st = trainer.state
+        st.epoch, st.iteration = (rnd - 1) * epochs, (rnd - 1) * epochs * steps
+        st.max_epochs, st.epoch_length = rnd * epochs, steps
+        trainer.run()
         loss = float(np.mean(r.losses)) if r.losses else float("nan")
         if not math.isfinite(loss):
             raise FloatingPointError(f"local training diverged (mean loss {loss}); lower the bundle's `lr`")
         new_values, new_head = global_state(r.model, mask)
         return new_values, new_head, len(loader.dataset), loss
+
+    def train_alone(self, epochs: int) -> nn.Module:
+        """The plain bundle run on this site's data (the simulation's references): the site selects
+        its own mask as centralised training does, then trains ``epochs``; returns the model."""
+        from shpeft_monai.io import MASK_FILE
+
+        (self.work_dir / MASK_FILE).unlink(missing_ok=True)
+        wf = self.workflow(max_epochs=int(epochs), fl_rounds=1)
+        wf.trainer.run()
+        return wf.parser.get_parsed_content("peft_network")
 
     def evaluate(
         self, mask: SparseMask, values: np.ndarray, head: Mapping[str, np.ndarray]
