@@ -98,7 +98,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: Sequence[M
             num_examples=c["num_examples"],
             base_fingerprint=c["fingerprint"],
             n_eligible=c["n_eligible"],
-            head=c["head"],
+            head=c["head"] if site.s.privacy() is None else None,  # DP covers the rounds only
         )
         return Message(content=content, reply_to=msg)
 
