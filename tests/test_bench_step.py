@@ -40,6 +40,7 @@ KEYS = {
     "selection_s",
     "memory_method",
     "step_flops_per_sample",
+    "saved_for_backward_bytes",
     "time_vs_full",
     "peak_vs_full",
 }
@@ -114,6 +115,9 @@ def test_floor_trains_the_head_and_shpeft_counts_no_more_work(
     # SH-PEFT's entry gradients are not GEMMs: its counted work never exceeds the floor's
     assert sh["step_flops_per_sample"] <= floor["step_flops_per_sample"]
     assert {"time_vs_floor", "cpu_time_vs_floor", "peak_vs_floor"} <= set(report["targets"]["tiny"])
+    # no weight gradient, no saved full inputs: less kept for backward than full fine-tuning
+    assert 0 < sh["saved_for_backward_bytes"] < by_method["full"]["saved_for_backward_bytes"]
+    assert 0 < floor["saved_for_backward_bytes"] < by_method["full"]["saved_for_backward_bytes"]
 
 
 def test_report_has_ratios_targets_and_renders(report: dict, by_method: dict[str, dict]) -> None:

@@ -40,6 +40,9 @@ What is reported, per method:
 * FLOPs per sample of one step (a further step on one sample, after the measured ones) as
   ``torch.utils.flop_counter`` counts them (matrix products, convolutions, attention; not
   elementwise, gather or optimizer work): a figure that no machine load disturbs;
+* bytes saved for backward by one forward pass on the batch (``saved_for_backward_bytes``, each
+  storage once, parameters excluded): activations, the sparse layers' saved input columns, and the
+  weight copies autocast keeps for frozen layers; also load-independent (off with ``--no-flops``);
 * trainable parameters, parameters that can change (GPS: k + head although all require grad),
   optimizer state bytes (every tensor in ``optimizer.state`` after the steps), gradient bytes after
   the last backward, and for SH-PEFT the selection time and its peak memory.

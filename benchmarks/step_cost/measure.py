@@ -51,6 +51,27 @@ def build_model(spec: dict[str, Any], num_classes: int, img_size: int) -> tuple[
     return model, why
 
 
+def saved_for_backward_bytes(model: nn.Module, x: torch.Tensor, amp: Any) -> int:
+    """Bytes that one forward pass on ``x`` keeps for the backward pass (parameters excluded).
+
+    Counted through ``torch.autograd.graph.saved_tensors_hooks``, each storage once: activations,
+    the saved input columns of the sparse layers, weight copies that autocast keeps for a frozen
+    layer's backward. Like FLOPs, a figure that no machine load disturbs.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if t.is_floating_point() and st.data_ptr() not in params:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+        model(x)
+    return int(sum(storages.values()))
+
+
 def measure_method(
     spec: dict[str, Any],
     method: str,
@@ -131,6 +152,8 @@ def measure_method(
             one_step(1)
         flops = int(counter.get_total_flops())
 
+    saved_bytes = saved_for_backward_bytes(model, x, amp) if opts.count_flops else None
+
     profile_table = None
     if profile_steps:
         from torch.profiler import ProfilerActivity
@@ -161,6 +184,7 @@ def measure_method(
         "backward_s": med(2),
         "optimizer_s": med(3),
         "step_flops_per_sample": flops,
+        "saved_for_backward_bytes": saved_bytes,
         "step_s_min": min((p[0] for p in phases), default=float("nan")),
         "step_s_all": [p[0] for p in phases],
         "step_cpu_s": med(4),

@@ -35,6 +35,9 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             r["peak_vs_full"] = _ratio(r.get("peak_bytes"), full.get("peak_bytes"))
             r["cpu_time_vs_full"] = _ratio(r.get("step_cpu_s"), full.get("step_cpu_s"))
             r["flops_vs_full"] = _ratio(r.get("step_flops_per_sample"), full.get("step_flops_per_sample"))
+            r["saved_vs_full"] = _ratio(
+                r.get("saved_for_backward_bytes"), full.get("saved_for_backward_bytes")
+            )
             r["optimizer_state_vs_full"] = _ratio(
                 r.get("optimizer_state_bytes"), full.get("optimizer_state_bytes")
             )
@@ -87,6 +90,7 @@ _COLUMNS = (
     "fwd/bwd/opt ms",
     "peak MiB",
     "vs full",
+    "saved for bwd MiB",
     "opt state",
     "grads",
     "selection s / peak MiB",
@@ -117,6 +121,7 @@ def _rows(results: list[dict[str, Any]], model: str) -> list[list[str]]:
                 phases,
                 _mib(r["peak_bytes"]),
                 fmt_ratio(r.get("peak_vs_full")),
+                _mib(r.get("saved_for_backward_bytes")),
                 _size(r["optimizer_state_bytes"]),
                 _size(r["grad_bytes"]),
                 "-" if sel is None else f"{sel:.2f} / {_mib(r.get('selection_peak_bytes'))}",
