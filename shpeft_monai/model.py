@@ -72,7 +72,7 @@ def _split(name: str) -> tuple[str, str]:
 
 def _sites(model: nn.Module) -> dict[str, layers.SparseDeltaLayer]:
     """Each masked tensor's sparse layer, by base parameter name (mask order)."""
-    out = {}
+    model, out = bare_module(model), {}
     for name in get_mask(model).indices:
         mod_name, pname = _split(name)
         out[name] = layers.layer_of(model.get_submodule(mod_name), pname)
@@ -204,7 +204,8 @@ def apply_delta(model: nn.Module, delta: SparseDelta, *, check_fingerprint: bool
                 raise DeltaMismatchError(f"delta tensor {name!r} does not fit the model.")
             flat = p.view(-1)
             i = idx.to(p.device)
-            new = (flat[i].float() + delta.values[name].to(p.device)).to(p.dtype)
+            acc = torch.promote_types(p.dtype, torch.float32)  # as the layers' merge sums them
+            new = (flat[i].to(acc) + delta.values[name].to(p.device, acc)).to(p.dtype)
             flat.index_copy_(0, i, new)
         for name, t in delta.head.items():
             params[name].copy_(t)

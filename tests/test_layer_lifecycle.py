@@ -180,3 +180,16 @@ def test_model_level_inject_then_eject_or_merge_leaves_plain_modules(finish: str
         if finish == "merge" and (not name or any(n.startswith(f"{name}.") for n in names)):
             snap.pop("bits"), ref_snap.pop("bits")
         assert snap == ref_snap, name
+
+
+def test_sites_are_found_through_a_data_parallel_wrapper() -> None:
+    from shpeft_monai import extract_delta, load_delta_values
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    mask = SparseMask({"0.weight": torch.tensor([1, 6])}, {"0.weight": (4, 4)})
+    inject(net, mask, SHPEFTConfig(head=("1",)))
+    wrapped = nn.DataParallel(net)  # on CPU: a plain wrapper whose names gain "module."
+    load_delta_values(wrapped, {"0.weight": torch.tensor([0.5, -0.5])})
+    assert torch.equal(extract_delta(wrapped).values["0.weight"], torch.tensor([0.5, -0.5]))
+    merge(wrapped)
+    assert type(net[0]) is nn.Linear
