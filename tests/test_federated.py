@@ -566,7 +566,12 @@ def test_flower_app_manifest_has_no_dependencies_and_known_config_keys():
     from shpeft_monai.fl.task import Settings
     from shpeft_monai.recipe import DEFAULTS
 
-    manifest = tomllib.loads((Path(__file__).parents[1] / "federated" / "pyproject.toml").read_text())
+    repo = Path(__file__).parents[1]
+    manifest = tomllib.loads((repo / "federated" / "pyproject.toml").read_text())
+    # the app folder is a Flower manifest, not a package: no top-level `federated` module is installed
+    assert sorted(p.name for p in (repo / "federated").iterdir() if p.suffix == ".py") == []
+    found = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert found["include"] == ["shpeft_monai*"]
     assert manifest["project"]["dependencies"] == []  # a SuperLink must never install torch
     comps = manifest["tool"]["flwr"]["app"]["components"]
     for ref, kind in ((comps["serverapp"], ServerApp), (comps["clientapp"], ClientApp)):
