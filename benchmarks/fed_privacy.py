@@ -391,7 +391,7 @@ def render(data: dict[str, Any]) -> str:
                 f"| {eps} | {_f(z, '.3g')} | {_f(r['test_accuracy'])} | {_f(r['test_macro_f1'])} | {_f(r['test_auc'])} "
                 f"| {_f(norm, '.4g')} | {_f(clipped, '.0%')} | {_f(r['wall_seconds'], '.0f')} |"
             )
-        lines.append("")
+        lines += ["", *[f"- {n}" for n in sw.get("notes", [])], ""] if sw.get("notes") else [""]
     if "accountant" in data:
         lines += [
             "## Accountant cross-check (full participation, 3 rounds, delta 1e-5)",
