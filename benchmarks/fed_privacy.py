@@ -352,6 +352,38 @@ def _f(x: Any, fmt: str = ".3f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
+def _sweep_lines(part: dict[str, Any], title: str) -> list[str]:
+    sw = part["result"]
+    lines = [f"## {title}", "", f"`{part['command']}`", ""]
+    if sw.get("commit"):
+        lines += [f"Glue at commit {sw['commit']}.", ""]
+    lines += [
+        f"Seed {sw['seed']}; L2 clip {_f(sw['clip'], '.4g')} on the change of the k values and the head (the "
+        "mean update norm of the probe run). Update norm: mean pre-clip norm of a site's change per round; "
+        "clipped: share of site updates clipped.",
+        "",
+        "| epsilon (delta 1e-5) | noise multiplier | test accuracy | macro F1 | AUC | update norm | clipped | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sw["runs"]:
+        eps = f"{r['epsilon']:g}" if r["epsilon"] is not None else "inf (no DP)"
+        if r.get("probe"):
+            eps = "inf (probe: clip 1e6, noise std 1e-9)"
+        z = (r.get("privacy_reported") or {}).get("noise_multiplier", r["noise_multiplier_expected"])
+        tm = list((r.get("train_metrics_per_round") or {}).values())
+        norm = float(np.mean([m["dp-norm"] for m in tm])) if tm and all("dp-norm" in m for m in tm) else None
+        clipped = (
+            float(np.mean([m["dp-clipped"] for m in tm]))
+            if tm and all("dp-clipped" in m for m in tm)
+            else None
+        )
+        lines.append(
+            f"| {eps} | {_f(z, '.3g')} | {_f(r['test_accuracy'])} | {_f(r['test_macro_f1'])} | {_f(r['test_auc'])} "
+            f"| {_f(norm, '.4g')} | {_f(clipped, '.0%')} | {_f(r['wall_seconds'], '.0f')} |"
+        )
+    return [*lines, "", *[f"- {n}" for n in sw.get("notes", [])], ""] if sw.get("notes") else [*lines, ""]
+
+
 def render(data: dict[str, Any]) -> str:
     """Markdown report of whatever parts ``fed_privacy.json`` holds."""
     lines = [
@@ -360,38 +392,9 @@ def render(data: dict[str, Any]) -> str:
         "Written by `benchmarks/fed_privacy.py`; see docs/federated_privacy.md.",
         "",
     ]
-    if "sweep" in data:
-        sw = data["sweep"]["result"]
-        lines += ["## Test accuracy against epsilon", "", f"`{data['sweep']['command']}`", ""]
-        lines += [
-            f"Seed {sw['seed']}; L2 clip {_f(sw['clip'], '.4g')} on the change of the k values and the head (the "
-            "mean update norm of the probe run). Update norm: mean pre-clip norm of a site's change per round; "
-            "clipped: share of site updates clipped.",
-            "",
-        ]
-        lines += [
-            "| epsilon (delta 1e-5) | noise multiplier | test accuracy | macro F1 | AUC | update norm | clipped | wall (s) |"
-        ]
-        lines += ["|---|---|---|---|---|---|---|---|"]
-        for r in sw["runs"]:
-            eps = f"{r['epsilon']:g}" if r["epsilon"] is not None else "inf (no DP)"
-            if r.get("probe"):
-                eps = "inf (probe: clip 1e6, noise std 1e-9)"
-            z = (r.get("privacy_reported") or {}).get("noise_multiplier", r["noise_multiplier_expected"])
-            tm = list((r.get("train_metrics_per_round") or {}).values())
-            norm = (
-                float(np.mean([m["dp-norm"] for m in tm])) if tm and all("dp-norm" in m for m in tm) else None
-            )
-            clipped = (
-                float(np.mean([m["dp-clipped"] for m in tm]))
-                if tm and all("dp-clipped" in m for m in tm)
-                else None
-            )
-            lines.append(
-                f"| {eps} | {_f(z, '.3g')} | {_f(r['test_accuracy'])} | {_f(r['test_macro_f1'])} | {_f(r['test_auc'])} "
-                f"| {_f(norm, '.4g')} | {_f(clipped, '.0%')} | {_f(r['wall_seconds'], '.0f')} |"
-            )
-        lines += ["", *[f"- {n}" for n in sw.get("notes", [])], ""] if sw.get("notes") else [""]
+    for key, title in (("sweep", "Test accuracy against epsilon"), ("sweep_rerun", "Rerun on one commit")):
+        if key in data:
+            lines += _sweep_lines(data[key], title)
     if "accountant" in data:
         lines += [
             "## Accountant cross-check (full participation, 3 rounds, delta 1e-5)",
