@@ -3,10 +3,10 @@
 :func:`.scoring.normalize_scores` gives every entry ``rank / (D - 1)``, where ``rank`` is the number
 of distinct values below it over all tensors and ``D`` the number of distinct values. Both are
 computed here without one vector of all scores: non-negative float32 values sort like their bit
-patterns, so a histogram of the high 16 bits splits the value range into bounded pieces. To count
-``D``, each pass over the tensors marks the bit patterns present in a range of bins in a presence
-map (32 MiB); to rank everything, :class:`DenseRanks` keeps each chunk's distinct values
-(``torch.unique`` of that chunk only; at most one float per entry, fewer with ties).
+patterns, so a histogram of the high 16 bits splits the value range into chunks of bounded size, and
+each chunk's distinct values come from one pass over the tensors (``torch.unique`` of that chunk
+only). :class:`DenseRanks` counts them, or keeps them for rank look-ups (at most one float per
+entry, fewer with ties).
 :func:`weighted_rank_global` needs only the counts plus the exact ranks of the upper tails of both
 scores, grown until a bound proves that no entry outside them can reach the top-k. The float32
 arithmetic is the reference's, so the masks are identical.
@@ -45,32 +45,6 @@ def _histogram(scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return hist
 
 
-def _count_distinct(scores: Mapping[str, torch.Tensor], hist: torch.Tensor, span: int) -> int:
-    """Distinct values, ``span`` non-empty bins per pass over the tensors: a presence map of their bit
-    patterns (``span * 64`` KiB; no sort, no copy of the values), or ``torch.unique`` of the few
-    entries where the bins are sparsely filled."""
-    bins = torch.nonzero(hist).squeeze(1)
-    total = 0
-    for start in range(0, bins.numel(), span):
-        group = bins[start : start + span]
-        entries = int(hist[group].sum())
-        slot = torch.full((_BINS,), -1, dtype=torch.int64)
-        slot[group] = torch.arange(group.numel())
-        sparse = entries * 16 < group.numel() << 16
-        seen = None if sparse else torch.zeros(group.numel() << 16, dtype=torch.bool)
-        parts = []
-        for n in scores:
-            b = _flat(scores, n).view(torch.int32)
-            s = slot[(b >> 16).long()]
-            inside = s >= 0
-            if sparse:
-                parts.append(b[inside])
-            else:
-                seen[(s[inside] << 16) + (b[inside] & 0xFFFF).long()] = True
-        total += int(torch.unique(torch.cat(parts)).numel()) if sparse else int(seen.sum())
-    return total
-
-
 def _norm(rank: torch.Tensor, denom: float) -> torch.Tensor:
     """The reference's float32 arithmetic: ``(cumsum.float() - 1) / denom`` with ``cumsum = rank + 1``."""
     return ((rank + 1).float() - 1) / denom
@@ -85,25 +59,20 @@ class DenseRanks:
 
     Args:
         scores: name -> tensor (a dict or :class:`.streaming.LazyScores`), read a few times.
-        keep: keep the distinct values for :meth:`rank` (else only :attr:`distinct` is counted, with
-            a presence map of ``span`` bins, 32 MiB by default, per pass).
-        chunk: entries gathered at once when keeping (default: an eighth of all entries, >= 4 Mi).
+        keep: keep the distinct values for :meth:`rank` (else only :attr:`distinct` is counted).
+        chunk: entries gathered at once (default: a sixteenth of all entries, at least 4 Mi).
     """
 
     def __init__(
-        self, scores: Mapping[str, torch.Tensor], keep: bool = True, chunk: int | None = None, span: int = 512
+        self, scores: Mapping[str, torch.Tensor], keep: bool = True, chunk: int | None = None
     ) -> None:
         self.hist = _histogram(scores)
         self._keep = keep
         self.starts: list[int] = []
         self.values: list[torch.Tensor] = []
         self.offsets: list[int] = []
-        if not keep:
-            self.distinct = _count_distinct(scores, self.hist, span)
-            self.denom = _denominator(self.distinct)
-            return
         total = int(self.hist.sum())
-        chunk = chunk or max(1 << 22, total // 8)
+        chunk = chunk or max(1 << 22, total // 16)
         bins = torch.nonzero(self.hist).squeeze(1).tolist()
         groups: list[tuple[int, int]] = []
         size = 0
@@ -124,7 +93,8 @@ class DenseRanks:
             del parts
             self.starts.append(lo)
             self.offsets.append(distinct)
-            self.values.append(u)
+            if keep:
+                self.values.append(u)
             distinct += int(u.numel())
         self.distinct = distinct
         self.denom = _denominator(distinct)
