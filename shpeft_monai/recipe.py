@@ -2,7 +2,7 @@
 
 Every default of the method that is not a selection switch lives once in :data:`DEFAULTS` (a frozen
 :class:`Recipe`). :class:`shpeft_monai.SHPEFTConfig` reads the hybrid rule, its ratios and the head
-warm-up from it, the federated app (``federated/task.py``) reads the rule and the learning rates,
+warm-up from it, the federated sites train through the bundle and so read the same values,
 and the bundle reads them through expressions such as ``$recipe.DEFAULTS.lr_selected`` (so
 ``--lr 0.001`` on the command line still overrides them). The values were chosen on the validation
 split of Br35H at the bundle's ``cpu_demo`` configuration (``benchmarks/results/recipe_search.md``).
