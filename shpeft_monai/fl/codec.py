@@ -83,6 +83,19 @@ def _numpy(rec: ArrayRecord, key: str) -> np.ndarray:
         raise ReplyRejected(f"array {key!r} cannot be decoded: {exc!r}") from exc
 
 
+def _decode_head(arrays: ArrayRecord, head_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The head tensors of a reply as float32, each checked for shape, float dtype and finite values."""
+    head: dict[str, np.ndarray] = {}
+    for name, shape in head_shapes.items():
+        t = _numpy(arrays, HEAD_PREFIX + name)
+        if not np.issubdtype(t.dtype, np.floating) or tuple(t.shape) != tuple(shape):
+            raise ReplyRejected(f"head {name!r} has {t.dtype} {t.shape}, expected float {tuple(shape)}")
+        if not np.isfinite(t).all():
+            raise ReplyRejected(f"head {name!r} contains NaN/Inf")
+        head[name] = t.astype(np.float32)
+    return head
+
+
 def num_examples(content: RecordDict, max_examples: int) -> int:
     """The reply's ``num-examples``: a positive integer no larger than ``max_examples``."""
     metrics = _get(content, METRICS, MetricRecord)
@@ -180,14 +193,7 @@ def decode_update(
         raise ReplyRejected(f"values have {values.dtype} {values.shape}, expected float32 ({k},)")
     if not np.isfinite(values).all():
         raise ReplyRejected(f"values contain {int((~np.isfinite(values)).sum())} NaN/Inf entries")
-    head: dict[str, np.ndarray] = {}
-    for name, shape in head_shapes.items():
-        t = _numpy(arrays, HEAD_PREFIX + name)
-        if not np.issubdtype(t.dtype, np.floating) or tuple(t.shape) != tuple(shape):
-            raise ReplyRejected(f"head {name!r} has {t.dtype} {t.shape}, expected float {tuple(shape)}")
-        if not np.isfinite(t).all():
-            raise ReplyRejected(f"head {name!r} contains NaN/Inf")
-        head[name] = t.astype(np.float32)
+    head = _decode_head(arrays, head_shapes)
     extra = sorted(set(arrays.keys()) - {"values"} - {HEAD_PREFIX + n for n in head_shapes})
     if extra:
         raise ReplyRejected(f"unexpected arrays {extra[:5]}")
@@ -296,14 +302,7 @@ def decode_candidate_head(
     names = [k for k in arrays if k.startswith(HEAD_PREFIX)]
     if not names:
         return None
-    head: dict[str, np.ndarray] = {}
-    for name, shape in head_shapes.items():
-        t = _numpy(arrays, HEAD_PREFIX + name)
-        if not np.issubdtype(t.dtype, np.floating) or tuple(t.shape) != tuple(shape):
-            raise ReplyRejected(f"head {name!r} has {t.dtype} {t.shape}, expected float {tuple(shape)}")
-        if not np.isfinite(t).all():
-            raise ReplyRejected(f"head {name!r} contains NaN/Inf")
-        head[name] = t.astype(np.float32)
+    head = _decode_head(arrays, head_shapes)
     extra = sorted(set(names) - {HEAD_PREFIX + n for n in head_shapes})
     if extra:
         raise ReplyRejected(f"unexpected arrays {extra[:5]}")
