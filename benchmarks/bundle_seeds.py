@@ -8,8 +8,12 @@ split's near-duplicate groups (Br35H: the committed ``group``; other data: byte-
 never files (:mod:`benchmarks.stats`).
 
     python -m benchmarks.bundle_seeds run --seeds 0-4 --methods shpeft,full_finetune,random_mask,linear_probe
+    python -m benchmarks.bundle_seeds run --seeds 0-2 --ablations rho,estimator,calibration_loss
     python -m benchmarks.bundle_seeds report       # -> benchmarks/results/bundle_seeds.{json,md}
 
+Ablation points (``--ablations``, the points of :func:`benchmarks.suite.config.ablation_specs`) are
+SH-PEFT runs with ``shpeft#...`` overrides, named by their label (``lam=0.25``); a point equal to the
+bundle's own SH-PEFT settings is the ``shpeft`` run itself and is not trained twice.
 A finished run (its ``eval/metrics.json`` exists) is skipped, so the command resumes after a stop.
 """
 
@@ -67,19 +71,53 @@ def _bundle(run_id: str, configs: list[Path], out: Path, extra: list[str]) -> No
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
 
 
-def run(out_root: Path, methods: list[str], seeds: list[int], base: str, extra: list[str]) -> None:
-    """Train and evaluate every (method, seed) not yet finished; seeds outer so means fill in evenly."""
+def ablation_points(names: list[str], base: str) -> dict[str, list[str]]:
+    """Label -> bundle overrides (``--shpeft#lam 0.25``) of each ablation point that differs from
+    the bundle's SH-PEFT at ``base``; the point equal to it is the ``shpeft`` run (left out)."""
+    from monai.bundle import ConfigParser
+
+    from benchmarks.suite.config import ablation_specs
+
+    files = [BUNDLE / "train.yaml"] + ([BUNDLE / "overlays" / base] if base else [])
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser.get_parsed_content("imports")  # train.yaml's imports (``recipe``) into the expressions' globals
+    shpeft = parser.get_parsed_content("shpeft")
+    points: dict[str, list[str]] = {}
+    for name in names:
+        hybrid = str(shpeft["hybrid"])
+        for label, overrides, warm in ablation_specs(name, hybrid):
+            changes = {**overrides, "head_warmup_steps": shpeft["head_warmup_steps"] if warm else 0}
+            if all(shpeft.get(k) == v for k, v in changes.items()):
+                continue
+            points[label.replace(",", "+")] = [
+                x for k, v in changes.items() for x in (f"--shpeft#{k}", str(v))
+            ]
+    return points
+
+
+def run(
+    out_root: Path,
+    methods: list[str],
+    seeds: list[int],
+    base: str,
+    extra: list[str],
+    points: dict[str, list[str]] | None = None,
+) -> None:
+    """Train and evaluate every (method or ablation point, seed) not yet finished; seeds outer so
+    means fill in evenly."""
     out_root.mkdir(parents=True, exist_ok=True)
+    jobs = [(m, OVERLAYS[m], []) for m in methods] + [(n, None, o) for n, o in (points or {}).items()]
     for seed in seeds:
-        for method in methods:
+        for method, overlay, overrides in jobs:
             out = out_root / f"{method}_s{seed}"
             if (out / "eval" / METRICS_FILE).is_file():
                 continue
             configs = [BUNDLE / "train.yaml"] + ([BUNDLE / "overlays" / base] if base else [])
-            if OVERLAYS[method]:
-                configs.append(BUNDLE / "overlays" / OVERLAYS[method])
+            if overlay:
+                configs.append(BUNDLE / "overlays" / overlay)
             t0 = time.perf_counter()
-            _bundle("training", configs, out, ["--seed", str(seed), *extra])
+            _bundle("training", configs, out, ["--seed", str(seed), *overrides, *extra])
             _bundle("evaluating", [BUNDLE / "train.yaml", BUNDLE / "evaluate.yaml"], out, [])
             write_json(out / "wall.json", {"seconds": time.perf_counter() - t0})
             print(f"{method} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -133,9 +171,13 @@ def collect(out_root: Path) -> dict[str, Any]:
 def summarize(collected: dict[str, Any]) -> dict[str, Any]:
     table, groups = collected["table"], collected["groups"]
     methods = {}
-    for method, t in sorted(table.items(), key=lambda kv: list(OVERLAYS).index(kv[0])):  # SH-PEFT first
+    order = list(OVERLAYS)  # SH-PEFT first, then the peers, then ablation points by name
+    for method, t in sorted(
+        table.items(), key=lambda kv: (kv[0] not in order, order.index(kv[0]) if kv[0] in order else 0, kv[0])
+    ):
         acc = [r["accuracy"] for r in t["runs"]]
         methods[method] = {
+            "kind": "method" if method in OVERLAYS else "ablation",
             "seeds": t["seeds"],
             "runs": t["runs"],
             "accuracy_mean_sd": stats.mean_sd(acc),
@@ -147,7 +189,8 @@ def summarize(collected: dict[str, Any]) -> dict[str, Any]:
     paired = {}
     if REFERENCE in table:
         ref = table[REFERENCE]
-        for method, t in table.items():
+        for method in methods:
+            t = table[method]
             common = [s for s in ref["seeds"] if s in t["seeds"]]
             if method == REFERENCE or not common:
                 continue
@@ -178,7 +221,8 @@ def render(s: dict[str, Any], command: str) -> str:
         f"Command: `{command}`. Data: {s['data']['source']} test split, {s['n_test_files']} files in "
         f"{s['n_test_groups']} near-duplicate groups; {s['network']} at {s['img_size']} px, "
         f"{s['train_images']} training images. Intervals: 95 % "
-        "grouped (cluster) bootstrap over the test groups of the seed-averaged figure (2,000 replicates).",
+        "grouped (cluster) bootstrap over the test groups of the seed-averaged figure (2,000 replicates). "
+        "Rows named `key=value` are ablation points: the bundle's SH-PEFT with that one change.",
         "",
         "| method | seeds | test acc % per seed | mean ± sd | grouped 95 % CI | min | test AUC % mean ± sd | F1 % |",
         "|---|---|---|---|---|---|---|---|",
@@ -215,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/bundle_seeds"))
     ap.add_argument("--methods", default="shpeft,full_finetune,random_mask,linear_probe")
     ap.add_argument("--seeds", default="0-4")
+    ap.add_argument(
+        "--ablations",
+        default="",
+        help="comma list of rho, estimator, calibration_batches, calibration_loss, budget",
+    )
     ap.add_argument("--base", default="cpu_demo.yaml", help="base overlay ('' for train.yaml alone)")
     ap.add_argument("--dataset", default=None, help="your data (folder, CSV or datalist) instead of Br35H")
     ap.add_argument("--results", type=Path, default=RESULTS / "bundle_seeds")
@@ -225,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown methods {unknown}; choose from {sorted(OVERLAYS)}")
     if args.action == "run":
         extra = ["--dataset", args.dataset] if args.dataset else []
-        run(args.out, methods, _seeds(args.seeds), args.base, extra)
+        points = ablation_points([a for a in args.ablations.split(",") if a], args.base)
+        run(args.out, methods, _seeds(args.seeds), args.base, extra, points)
         return 0
     summary = summarize(collect(args.out))
-    command = f"python -m benchmarks.bundle_seeds run --methods {args.methods} --seeds {args.seeds}"
+    command = "python -m benchmarks.bundle_seeds run --methods <methods> --seeds <seeds> [--ablations ...]"
     args.results.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.results.with_suffix(".json"), summary)
     args.results.with_suffix(".md").write_text(render(summary, command))

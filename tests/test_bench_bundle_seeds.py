@@ -62,3 +62,21 @@ def test_runs_that_scored_other_files_are_refused(tmp_path) -> None:
     preds.write_text(preds.read_text().replace("img5", "img9"))
     with pytest.raises(ValueError, match="another test split"):
         bundle_seeds.collect(tmp_path)
+
+
+def test_ablation_points_override_one_setting_and_skip_the_bundles_own() -> None:
+    points = bundle_seeds.ablation_points(["rho", "estimator", "calibration_loss"], "cpu_demo.yaml")
+    assert "lam=0.5" not in points and "estimator=l1" not in points  # the shpeft run itself
+    assert "calibration_loss=ce+warmup" not in points
+    assert points["lam=0.25"][:4] == ["--shpeft#hybrid", "weighted", "--shpeft#lam", "0.25"]
+    assert points["calibration_loss=ce+no_warmup"][-2:] == ["--shpeft#head_warmup_steps", "0"]
+    assert points["estimator=l2"][-2:] == ["--shpeft#head_warmup_steps", "10"]  # cpu_demo's warm-up
+
+
+def test_ablation_runs_are_reported_and_paired(tmp_path) -> None:
+    _fake_run(tmp_path, "shpeft_s0", [1, 1, 1, 1, 0, 1])
+    _fake_run(tmp_path, "lam=0.25_s0", [1, 0, 1, 1, 0, 1])
+    summary = bundle_seeds.summarize(bundle_seeds.collect(tmp_path))
+    assert list(summary["methods"]) == ["shpeft", "lam=0.25"]
+    assert summary["methods"]["lam=0.25"]["kind"] == "ablation"
+    assert summary["paired_vs_shpeft"]["lam=0.25"]["per_seed"] == pytest.approx([1 / 6])
