@@ -179,6 +179,25 @@ def test_aggregation_is_weighted_mean_on_sparse_coordinates():
     assert set(arrays.keys()) == {"values", "head.2.weight", "head.2.bias"}
 
 
+def test_server_lr_scales_the_combined_change_from_the_round_start():
+    mask = tiny_mask()
+    s = strategy_with(mask, server_lr=2.5)
+    start_vals = np.linspace(-1, 1, mask.k).astype(np.float32)
+    start = codec.update_arrays(start_vals, head_arrays(1.0))
+    list(s.configure_train(1, start, ConfigRecord({}), FakeGrid({1: None, 2: None})))
+    vals = [start_vals + 0.1, start_vals + 0.3]
+    replies = [
+        reply(i + 1, codec.encode_update(vals[i], head_arrays(2.0 + i), mask.fingerprint, num_examples=10), 1)
+        for i in range(2)
+    ]
+    arrays, _ = s.aggregate_train(1, replies)
+    got_vals, got_head = codec.split_arrays(arrays)
+    np.testing.assert_allclose(got_vals, start_vals + 2.5 * 0.2, rtol=1e-5, atol=1e-6)  # mean change 0.2
+    np.testing.assert_allclose(got_head["2.bias"], np.full(2, 1.0 + 2.5 * 1.5), rtol=1e-6)
+    with pytest.raises(ValueError, match="server_lr"):
+        strategy_with(mask, server_lr=0.0)
+
+
 def _corrupt(kind: str, mask: SparseMask, server_round: int = 3) -> Message:
     vals = np.ones(mask.k, np.float32)
     fp = mask.fingerprint

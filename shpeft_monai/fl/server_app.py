@@ -96,6 +96,7 @@ def run_server(
         fraction_evaluate=0.0 if eval_records is not None else 1.0,
         aggregation=s.aggregation,
         trim_fraction=s.trim_fraction,
+        server_lr=s.server_lr,
     )
     dp = s.privacy()
     if dp is not None:
@@ -156,7 +157,7 @@ def run_server(
         "eligible_weights": int(sum(p.numel() for p in params.values())),
         "mask_fingerprint": mask.fingerprint,
         "base_fingerprint": mask.base_fingerprint,
-        "aggregation": {"rule": s.aggregation, "trim_fraction": s.trim_fraction},
+        "aggregation": {"rule": s.aggregation, "trim_fraction": s.trim_fraction, "server_lr": s.server_lr},
         "accuracy_per_round": {str(r): m.get("accuracy") for r, m in sorted(per_round.items())},
         "metrics_per_round": {str(r): m for r, m in sorted(per_round.items())},
         "train_metrics_per_round": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},

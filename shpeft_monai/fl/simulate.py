@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--seed", type=int, default=0)
     a("--aggregation", choices=("mean", "median", "trimmed_mean"), default="mean")
     a("--trim-fraction", type=float, default=0.2)
+    a("--server-lr", type=float, default=1.0, help="server learning rate on the combined change (1 = FedAvg)")
     a("--dp-epsilon", type=float, default=0.0, help="site-level DP: epsilon over all rounds (0 = off)")
     a("--dp-noise-multiplier", type=float, default=0.0, help="or the noise multiplier itself")
     a("--dp-clip", type=float, default=0.0, help="L2 bound of a site's change per round (with DP)")
@@ -114,6 +115,7 @@ def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
         "round-timeout": args.round_timeout,
         "aggregation": args.aggregation,
         "trim-fraction": args.trim_fraction,
+        "server-lr": args.server_lr,
         "dp-epsilon": args.dp_epsilon,
         "dp-noise-multiplier": args.dp_noise_multiplier,
         "dp-clip": args.dp_clip,

@@ -11,7 +11,9 @@ sampling, round loop and logging and overrides only FedAvg's contract points:
   round goes on. The accepted flat updates (k values then the head) are combined by
   :func:`shpeft_monai.fl.robust.aggregate` (``mean`` weighted by examples, ``median`` or
   ``trimmed_mean``) on the sparse coordinates only: FedAvg's own aggregation would average the
-  integer index arrays too;
+  integer index arrays too. With ``server_lr`` != 1 the global values move by that multiple of the
+  combined change (FedAvg with a server learning rate, Reddi et al. 2021, "Adaptive Federated
+  Optimization"; 1 is plain FedAvg);
 * :meth:`aggregate_evaluate`: malformed metric replies are dropped instead of failing the round;
 * :meth:`summary`: the mask, the rule and the privacy budget.
 
@@ -66,6 +68,8 @@ class SparseDeltaFedAvg(FedAvg):
             the round keeps the previous global values.
         aggregation: ``mean`` (FedAvg), ``median`` or ``trimmed_mean`` (:data:`robust.RULES`).
         trim_fraction: share of sites cut at each end by ``trimmed_mean``.
+        server_lr: the global values move by ``server_lr`` times the combined change of the round
+            (1: plain FedAvg, the combined values themselves).
         **kwargs: passed to :class:`FedAvg` (``min_train_nodes``, ``fraction_evaluate`` ...).
 
     Example:
@@ -82,16 +86,21 @@ class SparseDeltaFedAvg(FedAvg):
         min_valid_replies: int = 1,
         aggregation: str = "mean",
         trim_fraction: float = 0.2,
+        server_lr: float = 1.0,
         **kwargs: Any,
     ) -> None:
         if aggregation not in robust.RULES:
             raise ValueError(f"aggregation={aggregation!r} is not one of {robust.RULES}")
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError(f"server_lr={server_lr!r} must be a finite number > 0 (1 = plain FedAvg)")
         robust.trimmed_count(1, trim_fraction)  # validates the fraction now, not in round 1
         super().__init__(**kwargs)
         self.head_shapes = {n: tuple(int(s) for s in shape) for n, shape in sorted(head_shapes.items())}
         self.max_examples = int(max_examples)
         self.min_valid_replies = int(min_valid_replies)
         self.aggregation, self.trim_fraction = aggregation, float(trim_fraction)
+        self.server_lr = float(server_lr)
+        self._global: ArrayRecord | None = None  # the values this round's sites started from
         self.mask: Any = None  # set by shpeft_monai.fl.mask_round.agree
         self.mask_record: RecordDict | None = None
         self.acked: set[int] = set()
@@ -166,6 +175,7 @@ class SparseDeltaFedAvg(FedAvg):
                 "no agreed mask: run shpeft_monai.fl.mask_round.agree(grid, strategy, ...) first."
             )
         config[codec.MASK_FP] = self.mask.fingerprint
+        self._global = arrays
         return self.outgoing(
             "train", server_round, super().configure_train(server_round, arrays, config, grid)
         )
@@ -219,6 +229,9 @@ class SparseDeltaFedAvg(FedAvg):
         total = float(sum(a[3] for a in accepted))
         flat = [codec.flatten_update(a[1], a[2]) for a in accepted]
         combined = robust.aggregate(flat, [a[3] for a in accepted], self.aggregation, self.trim_fraction)
+        if self.server_lr != 1.0 and self._global is not None:
+            start = codec.flatten_update(*codec.split_arrays(self._global))
+            combined = start + self.server_lr * (combined - start)
         values, head = codec.unflatten_update(combined.astype(np.float32), self.mask.k, self.head_shapes)
         metrics: dict[str, float | int] = {codec.NUM_EXAMPLES: int(total), **counts}
         keys = set.intersection(*(set(a[4].keys()) for a in accepted)) - {codec.NUM_EXAMPLES}
@@ -263,7 +276,13 @@ class SparseDeltaFedAvg(FedAvg):
     def summary(self) -> None:
         """Log the sparse settings, then FedAvg's."""
         k = self.mask.k if self.mask is not None else "not agreed yet"
-        logger.info("SparseDeltaFedAvg: k=%s, head %s, aggregation %s", k, self.head_shapes, self.aggregation)
+        logger.info(
+            "SparseDeltaFedAvg: k=%s, head %s, aggregation %s, server lr %g",
+            k,
+            self.head_shapes,
+            self.aggregation,
+            self.server_lr,
+        )
         if self.aggregation == "trimmed_mean":
             logger.info("  trim fraction %s at each end", self.trim_fraction)
         if self.privacy:
