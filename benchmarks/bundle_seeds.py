@@ -133,6 +133,14 @@ def _groups(out: Path, images: list[str]) -> list[Any]:
     return [content_sha256(i) for i in images]
 
 
+def _validation(out: Path, best_epoch: int | None) -> dict[str, float | None]:
+    """Validation AUC and balanced accuracy at the chosen epoch (what model selection saw)."""
+    path = out / "history.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    row = next((r for r in rows if r.get("epoch") == best_epoch), {})
+    return {"val_auc": row.get("val_auc"), "val_balanced_accuracy": row.get("val_balanced_accuracy")}
+
+
 def collect(out_root: Path) -> dict[str, Any]:
     """Per method: seeds, per-seed metrics and the (seeds x files) correctness matrix on one test split."""
     found: dict[str, dict[int, Path]] = {}
@@ -160,7 +168,16 @@ def collect(out_root: Path) -> dict[str, Any]:
                 else None
             )
             metrics.append({k: m.get(k) for k in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")})
-            rows.append({"seed": seed, **metrics[-1], "best_epoch": m.get("best_epoch"), "seconds": wall})
+            rows.append(
+                {
+                    "seed": seed,
+                    **metrics[-1],
+                    **_validation(out, m.get("best_epoch")),
+                    "best_epoch": m.get("best_epoch"),
+                    "selection_seconds": m.get("selection_seconds"),
+                    "seconds": wall,
+                }
+            )
         table[method] = {"seeds": sorted(runs), "runs": rows, "correct": np.asarray(correct, dtype=float)}
     first = next(iter(next(iter(found.values())).values()))
     run = json.loads((first / RUN_FILE).read_text())
@@ -184,6 +201,8 @@ def summarize(collected: dict[str, Any]) -> dict[str, Any]:
             "auc_mean_sd": stats.mean_sd([r["roc_auc"] for r in t["runs"]]),
             "f1_mean_sd": stats.mean_sd([r["f1_macro"] for r in t["runs"]]),
             "min_accuracy": min(acc),
+            "val_auc_mean_sd": stats.mean_sd([r["val_auc"] for r in t["runs"]]),
+            "selection_seconds_mean": _mean([r["selection_seconds"] for r in t["runs"]]),
             "grouped_ci": stats.grouped_bootstrap(t["correct"], groups),
         }
     paired = {}
@@ -210,6 +229,11 @@ def summarize(collected: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _mean(xs: list[Any]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None or x != x else f"{100 * x:.1f}"
 
@@ -224,17 +248,20 @@ def render(s: dict[str, Any], command: str) -> str:
         "grouped (cluster) bootstrap over the test groups of the seed-averaged figure (2,000 replicates). "
         "Rows named `key=value` are ablation points: the bundle's SH-PEFT with that one change.",
         "",
-        "| method | seeds | test acc % per seed | mean ± sd | grouped 95 % CI | min | test AUC % mean ± sd | F1 % |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | seeds | test acc % per seed | mean ± sd | grouped 95 % CI | min | test AUC % mean ± sd | "
+        "F1 % | val AUC % (chosen epoch) | selection s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in s["methods"].items():
         per = ", ".join(_pct(r["accuracy"]) for r in m["runs"])
         mean, sd = m["accuracy_mean_sd"]
         ci = m["grouped_ci"]
+        sel = "–" if m["selection_seconds_mean"] is None else f"{m['selection_seconds_mean']:.0f}"
         lines.append(
             f"| {name} | {len(m['seeds'])} | {per} | {_pct(mean)} ± {_pct(sd)} | [{_pct(ci['low'])}, "
             f"{_pct(ci['high'])}] | {_pct(m['min_accuracy'])} | {_pct(m['auc_mean_sd'][0])} ± "
-            f"{_pct(m['auc_mean_sd'][1])} | {_pct(m['f1_mean_sd'][0])} |"
+            f"{_pct(m['auc_mean_sd'][1])} | {_pct(m['f1_mean_sd'][0])} | {_pct(m['val_auc_mean_sd'][0])} ± "
+            f"{_pct(m['val_auc_mean_sd'][1])} | {sel} |"
         )
     if s["paired_vs_shpeft"]:
         lines += [

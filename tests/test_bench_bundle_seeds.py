@@ -71,12 +71,18 @@ def test_ablation_points_override_one_setting_and_skip_the_bundles_own() -> None
     assert points["lam=0.25"][:4] == ["--shpeft#hybrid", "weighted", "--shpeft#lam", "0.25"]
     assert points["calibration_loss=ce+no_warmup"][-2:] == ["--shpeft#head_warmup_steps", "0"]
     assert points["estimator=l2"][-2:] == ["--shpeft#head_warmup_steps", "10"]  # cpu_demo's warm-up
+    assert points["estimator=activation"][2:4] == ["--shpeft#task_signal", "activation"]  # forward-only
 
 
 def test_ablation_runs_are_reported_and_paired(tmp_path) -> None:
     _fake_run(tmp_path, "shpeft_s0", [1, 1, 1, 1, 0, 1])
     _fake_run(tmp_path, "lam=0.25_s0", [1, 0, 1, 1, 0, 1])
+    history = [{"epoch": e, "val_auc": 0.5 + e / 10, "val_balanced_accuracy": 0.5} for e in (1, 2, 3)]
+    (tmp_path / "lam=0.25_s0" / "history.json").write_text(json.dumps(history))
+    metrics = tmp_path / "lam=0.25_s0" / "eval" / "metrics.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "best_epoch": 2}))
     summary = bundle_seeds.summarize(bundle_seeds.collect(tmp_path))
     assert list(summary["methods"]) == ["shpeft", "lam=0.25"]
+    assert summary["methods"]["lam=0.25"]["runs"][0]["val_auc"] == pytest.approx(0.7)  # the chosen epoch
     assert summary["methods"]["lam=0.25"]["kind"] == "ablation"
     assert summary["paired_vs_shpeft"]["lam=0.25"]["per_seed"] == pytest.approx([1 / 6])

@@ -244,8 +244,9 @@ def ablation_specs(name: str, hybrid: str = "weighted") -> list[tuple[str, dict[
     if name == "rho":  # the hybrid ratio: rho (union) or lam (weighted), the task-specific share
         knob = "lam" if hybrid == "weighted" else "rho"
         return [(f"{knob}={r:g}", {**u, knob: r}, True) for r in (0.0, 0.25, 0.5, 0.75, 1.0)]
-    if name == "estimator":
-        return [(f"estimator={e}", {**u, "task_estimator": e}, True) for e in ("l1", "l2")]
+    if name == "estimator":  # |g| or g**2 of calibration gradients, or the forward-only |w| x |x|
+        points = [(f"estimator={e}", {**u, "task_estimator": e}, True) for e in ("l1", "l2")]
+        return [*points, ("estimator=activation", {**u, "task_signal": "activation"}, True)]
     if name == "calibration_batches":
         return [(f"calibration_batches={n}", {**u, "calibration_batches": n}, True) for n in (1, 4, 16)]
     if name == "calibration_loss":
