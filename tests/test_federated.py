@@ -396,6 +396,43 @@ def test_mask_agreement_is_deterministic_and_exact_budget():
         assert agree_mask(cfg, combine_candidates(cands, n), ta, fp).k == budget
 
 
+@pytest.mark.parametrize("lam", [0.25, 0.5, 0.9])
+def test_one_site_agrees_on_exactly_the_mask_the_bundle_selects(lam):
+    """Weighted hybrid: one site's candidates give the centralised mask (select_indices on the same
+    scores), although most of it lies outside the site's top task-specific entries."""
+    from shpeft_monai.agreement import site_scores
+    from shpeft_monai.selection import select_indices
+
+    _, params, ta, fp = tiny_setup()
+    cfg = SHPEFTConfig(budget=6, hybrid="weighted", lam=lam, head=("2",))
+    g = torch.Generator().manual_seed(3)
+    ts = {n: torch.rand(p.shape, generator=g) ** 4 for n, p in params.items()}
+    n = sum(p.numel() for p in params.values())
+    k = cfg.budget_for(n)
+    idx, sc = site_candidates(site_scores(cfg, ts, ta), 4 * k)
+    mask = agree_mask(cfg, combine_candidates([(idx, sc, 10)], n, cfg), ta, fp)
+    expected = select_indices(cfg, k, ts, ta)
+    assert {m: v.tolist() for m, v in mask.indices.items()} == {m: v.tolist() for m, v in expected.items()}
+    # the rule picks entries outside the site's top task-specific ones (candidates by I_ts miss them)
+    ts_idx, _ = site_candidates(ts, k)
+    names, sizes = flatten_layout(ta)
+    offsets = dict(zip(names, np.cumsum([0, *sizes[:-1]])))
+    picked = {int(offsets[m] + i) for m, v in expected.items() for i in v.tolist()}
+    assert lam == 0.9 or not picked <= set(ts_idx.tolist())
+
+
+def test_mixed_scores_combine_by_examples_with_the_sites_floor():
+    cfg = SHPEFTConfig(budget=2, hybrid="weighted", lam=0.5)
+    a = (np.array([0, 1]), np.array([0.9, 0.8], np.float32), 1)  # floor 0.8
+    b = (np.array([1, 2]), np.array([0.95, 0.7], np.float32), 3)  # floor 0.7
+    combined = combine_candidates([a, b], 4, cfg)
+    np.testing.assert_allclose(
+        combined,
+        [0.25 * 0.9 + 0.75 * 0.7, 0.25 * 0.8 + 0.75 * 0.95, 0.25 * 0.8 + 0.75 * 0.7, 0.25 * 0.8 + 0.75 * 0.7],
+        rtol=1e-6,
+    )
+
+
 def test_union_rule_takes_top_combined_then_magnitude():
     _, params, ta, fp = tiny_setup()
     n = sum(p.numel() for p in params.values())

@@ -44,7 +44,7 @@ def test_site_trains_through_the_bundle_and_a_kept_workflow_equals_a_new_one(tmp
     idx, sc = site_candidates(c["scores"], 40)
     params = eligible_parameters(base, cfg)
     ta = task_agnostic_scores(params, cfg.agnostic_estimator)
-    mask = agree_mask(cfg, combine_candidates([(idx, sc, 8)], c["n_eligible"]), ta, c["fingerprint"])
+    mask = agree_mask(cfg, combine_candidates([(idx, sc, 8)], c["n_eligible"], cfg), ta, c["fingerprint"])
 
     zeros = np.zeros(mask.k, np.float32)
     v1, h1, n, loss = site.train(mask, zeros, head0, server_round=1)

@@ -1,7 +1,8 @@
 """Round 0 of federated SH-PEFT: the sites' candidates in, one agreed mask of exactly k out.
 
-The server queries the sampled sites for their top ``candidate_factor * k`` task-specific entries
-(:func:`shpeft_monai.agreement.site_candidates`, computed by each site's bundle), validates every
+The server queries the sampled sites for their top ``candidate_factor * k`` entries by the score the
+hybrid rule ranks by (:func:`shpeft_monai.agreement.site_scores`: the mixed score for ``weighted``,
+task-specific importance otherwise; computed by each site's bundle), validates every
 reply (:func:`shpeft_monai.fl.codec.decode_candidates`; a bad one is dropped and logged with its node
 id), applies the core rule (:func:`shpeft_monai.agreement.agree_mask`) and broadcasts the mask to
 every connected node. Sites that do not acknowledge it get it again with their first train message.
@@ -86,7 +87,9 @@ def agree(
             f"mask agreement: {len(cands)} valid candidate replies, need {strategy.min_valid_replies}; "
             f"rejections: {strategy.rejected}"
         )
-    strategy.mask = agree_mask(config, combine_candidates(cands, n_eligible), task_agnostic, base_fingerprint)
+    strategy.mask = agree_mask(
+        config, combine_candidates(cands, n_eligible, config), task_agnostic, base_fingerprint
+    )
     warmed = [(h, n) for h, n in heads if h is not None]
     if warmed:  # the bundle warms the head up before it selects: start from those heads, averaged
         total = float(sum(n for _, n in warmed))

@@ -161,12 +161,15 @@ class SiteBundle:
         return wf
 
     def calibrate(self, head: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """Task-specific scores of every eligible weight on this site's data, as the bundle selects:
-        head warm-up from the server's initial head, then the calibration pass. Returns the scores,
-        the example count, the base fingerprint, the eligible count and the warmed-up head."""
+        """Scores of every eligible weight on this site's data, as the bundle selects: head warm-up
+        from the server's initial head, the calibration pass, then the score the hybrid rule ranks
+        by (:func:`shpeft_monai.agreement.site_scores`). Returns the scores, the example count, the
+        base fingerprint, the eligible count and the warmed-up head."""
+        from shpeft_monai.agreement import site_scores
         from shpeft_monai.calibration import calibrate
         from shpeft_monai.model import backbone_fingerprint, eligible_parameters
         from shpeft_monai.pipeline import warm_up_head_for_selection
+        from shpeft_monai.scoring import task_agnostic_scores
 
         wf = self.workflow()
         p = wf.parser
@@ -181,10 +184,10 @@ class SiteBundle:
         loader = p.get_parsed_content("train#calib_loader")
         warm_up_head_for_selection(model, cfg, loader, device=device, progress=False)
         params = eligible_parameters(model, cfg)
-        scores = calibrate(model, loader, params, cfg, device=device, progress=False)
+        ts = calibrate(model, loader, params, cfg, device=device, progress=False)
         n_eligible = sum(t.numel() for t in params.values())
         return {
-            "scores": scores,
+            "scores": site_scores(cfg, ts, task_agnostic_scores(params, cfg.agnostic_estimator)),
             "num_examples": len(loader.dataset),
             "fingerprint": fp,
             "n_eligible": n_eligible,
