@@ -134,9 +134,13 @@ def _groups(out: Path, images: list[str]) -> list[Any]:
 
 
 def _validation(out: Path, best_epoch: int | None) -> dict[str, float | None]:
-    """Validation AUC and balanced accuracy at the chosen epoch (what model selection saw)."""
+    """Validation AUC and balanced accuracy at the chosen epoch (what model selection saw): the
+    artefact's epoch, or for methods whose artefact does not record it, the epoch with the best
+    ``val_selection`` (the bundle's selection metric)."""
     path = out / "history.json"
-    rows = json.loads(path.read_text()) if path.is_file() else []
+    rows = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if "val_selection" in r]
+    if best_epoch is None and rows:
+        best_epoch = max(rows, key=lambda r: r["val_selection"])["epoch"]
     row = next((r for r in rows if r.get("epoch") == best_epoch), {})
     return {"val_auc": row.get("val_auc"), "val_balanced_accuracy": row.get("val_balanced_accuracy")}
 

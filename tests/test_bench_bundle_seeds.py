@@ -77,12 +77,17 @@ def test_ablation_points_override_one_setting_and_skip_the_bundles_own() -> None
 def test_ablation_runs_are_reported_and_paired(tmp_path) -> None:
     _fake_run(tmp_path, "shpeft_s0", [1, 1, 1, 1, 0, 1])
     _fake_run(tmp_path, "lam=0.25_s0", [1, 0, 1, 1, 0, 1])
-    history = [{"epoch": e, "val_auc": 0.5 + e / 10, "val_balanced_accuracy": 0.5} for e in (1, 2, 3)]
+    history = [
+        {"epoch": e, "val_auc": 0.5 + e / 10, "val_balanced_accuracy": 0.5, "val_selection": s}
+        for e, s in ((1, 0.6), (2, 0.7), (3, 0.65))
+    ]
+    (tmp_path / "shpeft_s0" / "history.json").write_text(json.dumps(history))  # no best_epoch recorded
     (tmp_path / "lam=0.25_s0" / "history.json").write_text(json.dumps(history))
     metrics = tmp_path / "lam=0.25_s0" / "eval" / "metrics.json"
     metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "best_epoch": 2}))
     summary = bundle_seeds.summarize(bundle_seeds.collect(tmp_path))
     assert list(summary["methods"]) == ["shpeft", "lam=0.25"]
     assert summary["methods"]["lam=0.25"]["runs"][0]["val_auc"] == pytest.approx(0.7)  # the chosen epoch
+    assert summary["methods"]["shpeft"]["runs"][0]["val_auc"] == pytest.approx(0.7)  # best val_selection
     assert summary["methods"]["lam=0.25"]["kind"] == "ablation"
     assert summary["paired_vs_shpeft"]["lam=0.25"]["per_seed"] == pytest.approx([1 / 6])
