@@ -179,6 +179,7 @@ def collect(out_root: Path) -> dict[str, Any]:
                     **_validation(out, m.get("best_epoch")),
                     "best_epoch": m.get("best_epoch"),
                     "selection_seconds": m.get("selection_seconds"),
+                    "artefact_bytes": m.get("artefact_bytes"),
                     "seconds": wall,
                 }
             )
@@ -207,6 +208,7 @@ def summarize(collected: dict[str, Any]) -> dict[str, Any]:
             "min_accuracy": min(acc),
             "val_auc_mean_sd": stats.mean_sd([r["val_auc"] for r in t["runs"]]),
             "selection_seconds_mean": _mean([r["selection_seconds"] for r in t["runs"]]),
+            "artefact_bytes_mean": _mean([r["artefact_bytes"] for r in t["runs"]]),
             "grouped_ci": stats.grouped_bootstrap(t["correct"], groups),
         }
     paired = {}
@@ -253,19 +255,20 @@ def render(s: dict[str, Any], command: str) -> str:
         "Rows named `key=value` are ablation points: the bundle's SH-PEFT with that one change.",
         "",
         "| method | seeds | test acc % per seed | mean ± sd | grouped 95 % CI | min | test AUC % mean ± sd | "
-        "F1 % | val AUC % (chosen epoch) | selection s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "F1 % | val AUC % (chosen epoch) | selection s | stored KB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in s["methods"].items():
         per = ", ".join(_pct(r["accuracy"]) for r in m["runs"])
         mean, sd = m["accuracy_mean_sd"]
         ci = m["grouped_ci"]
         sel = "–" if m["selection_seconds_mean"] is None else f"{m['selection_seconds_mean']:.0f}"
+        kb = "–" if m["artefact_bytes_mean"] is None else f"{m['artefact_bytes_mean'] / 1e3:,.0f}"
         lines.append(
             f"| {name} | {len(m['seeds'])} | {per} | {_pct(mean)} ± {_pct(sd)} | [{_pct(ci['low'])}, "
             f"{_pct(ci['high'])}] | {_pct(m['min_accuracy'])} | {_pct(m['auc_mean_sd'][0])} ± "
             f"{_pct(m['auc_mean_sd'][1])} | {_pct(m['f1_mean_sd'][0])} | {_pct(m['val_auc_mean_sd'][0])} ± "
-            f"{_pct(m['val_auc_mean_sd'][1])} | {sel} |"
+            f"{_pct(m['val_auc_mean_sd'][1])} | {sel} | {kb} |"
         )
     if s["paired_vs_shpeft"]:
         lines += [
