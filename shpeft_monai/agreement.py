@@ -46,6 +46,7 @@ __all__ = [
     "candidate_count",
     "combine_candidates",
     "flatten_layout",
+    "mixes_at_sites",
     "site_candidates",
     "site_scores",
 ]
@@ -102,7 +103,7 @@ def site_candidates(scores: Mapping[str, torch.Tensor], n_top: int) -> tuple[np.
 def combine_candidates(
     candidates: Sequence[tuple[np.ndarray, np.ndarray, int]],
     n_eligible: int,
-    config: SHPEFTConfig | None = None,
+    config: SHPEFTConfig,
 ) -> np.ndarray:
     """Dense combined score of every eligible entry, weighted by the sites' example shares.
 
@@ -110,7 +111,7 @@ def combine_candidates(
     entry site i did not send counts at ``min(h_i)``. Otherwise task-specific candidates:
     ``sum_i (n_i / N) * s_i / max(s_i)``, zero off every candidate.
     """
-    mixed = config is not None and mixes_at_sites(config)
+    mixed = mixes_at_sites(config)
     total = float(sum(n for _, _, n in candidates))
     out = np.zeros(n_eligible, dtype=np.float64)
     # sort by content so the floating-point sum does not depend on the order replies arrived in

@@ -387,13 +387,13 @@ def test_mask_agreement_is_deterministic_and_exact_budget():
         cands.append((idx, rng.random(8).astype(np.float32), n_ex))
     masks = []
     for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
-        combined = combine_candidates([cands[i] for i in order], n)
+        combined = combine_candidates([cands[i] for i in order], n, CFG)
         masks.append(agree_mask(CFG, combined, ta, fp))
     assert len({m.fingerprint for m in masks}) == 1
     assert masks[0].k == CFG.budget_for(n) == 5
     for budget in (1, 3, 17, 48):
         cfg = CFG.replace(budget=budget)
-        assert agree_mask(cfg, combine_candidates(cands, n), ta, fp).k == budget
+        assert agree_mask(cfg, combine_candidates(cands, n, cfg), ta, fp).k == budget
 
 
 @pytest.mark.parametrize("lam", [0.25, 0.5, 0.9])
@@ -438,7 +438,7 @@ def test_union_rule_takes_top_combined_then_magnitude():
     n = sum(p.numel() for p in params.values())
     # one site, candidate scores rank 20 > 7 > 1: rho*k = 3 task-specific entries
     combined = combine_candidates(
-        [(np.array([1, 7, 20, 33]), np.array([0.5, 0.7, 0.9, 0.1], np.float32), 4)], n
+        [(np.array([1, 7, 20, 33]), np.array([0.5, 0.7, 0.9, 0.1], np.float32), 4)], n, CFG
     )
     mask = agree_mask(CFG, combined, ta, fp)
     flat = mask.indices["0.weight"].tolist()
@@ -452,7 +452,7 @@ def test_combination_weights_by_example_count():
     n = 10
     a = (np.array([0]), np.array([2.0], np.float32), 1)  # normalised by its own max -> 1.0
     b = (np.array([1]), np.array([0.001], np.float32), 3)  # tiny raw scale, but 3x the examples
-    combined = combine_candidates([a, b], n)
+    combined = combine_candidates([a, b], n, CFG)
     assert combined[1] == pytest.approx(0.75) and combined[0] == pytest.approx(0.25)
 
 
