@@ -229,16 +229,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         threads=args.threads if args.device == "cpu" else None,
         calibration_batches=1,
     )
-    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     rows = run({k: MODELS[k] for k in keys}, ests, opts, micro_batch=args.micro_batch, training=args.training)
     facts = machine_facts(args.device, opts.threads)
     header = (
         f"# Selection cost (benchmarks/selection_cost.py)\n\n{facts.get('cpu_model', args.device)}, {opts.threads} threads; "
         f"batch {opts.batch_size}, {opts.img_size} px, one calibration batch, default recipe (weighted, lam 0.5, "
-        f"rank, global), budget {opts.budget}; load average at start {load}. Peak: growth above a baseline taken "
-        "after model and batch exist (benchmarks.common.MemoryProbe), each selection in a fresh process. "
-        "Timings on a shared machine under load: indicative only."
+        f"rank, global), budget {opts.budget}; load average at start {load} (1/5/15 min; timings are "
+        "evidence only when it is near or below the thread count). Peak: growth above a baseline taken "
+        "after model and batch exist (benchmarks.common.MemoryProbe), each selection in a fresh process."
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(
