@@ -84,18 +84,17 @@ def activation_statistics(
     def make(name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, _out: object) -> None:
             x = inputs[0].detach()
-            if isinstance(module, nn.Linear):
-                x = x.reshape(-1, x.shape[-1])
-            else:
-                x = x.transpose(0, 1).reshape(x.shape[1], -1).T  # (batch * space, channels)
-            stat = x.float().square() if l2 else x.float().abs()
-            s = stat.sum(0, dtype=torch.float64)
+            channel = x.dim() - 1 if isinstance(module, nn.Linear) else 1
+            dims = tuple(d for d in range(x.dim()) if d != channel)
+            # one reduction, no copy of the activation (a float64 sum would materialise one)
+            s = torch.linalg.vector_norm(x, 2.0 if l2 else 1.0, dim=dims, dtype=torch.float32)
+            s = (s.square() if l2 else s).double()
             if not bool(torch.isfinite(s).all()):
                 raise FloatingPointError(
                     f"input activation of {name!r} has NaN/Inf: check the calibration data."
                 )
             sums[name] = sums[name] + s if name in sums else s
-            counts[name] += x.shape[0]
+            counts[name] += x.numel() // x.shape[channel]
 
         return hook
 
