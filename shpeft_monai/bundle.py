@@ -9,7 +9,7 @@ model rebuilt from base weights + saved artefact for evaluation and inference, a
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from . import data as _data
 from .errors import RunConfigError, install_excepthook
-from .handlers.checkpoint import load_trainable_state
+from .handlers.checkpoint import load_trainable_state, saved_meta
 from .io import BEST_DELTA_FILE, BEST_TRAINABLE_FILE, MASK_FILE, load_delta, load_mask
 from .methods import prepare_method
 from .model import apply_delta, mask_summary
@@ -29,6 +29,7 @@ __all__ = [
     "artefact_meta",
     "build_network",
     "checked",
+    "class_counts",
     "image_folder_datalist",
     "load_trained",
     "resolve_run",
@@ -57,6 +58,14 @@ def image_folder_datalist(
     if not files:
         raise RunConfigError(f"no image files ({', '.join(suffixes)}) under {str(root)!r}.")
     return [{"image": str(p), "path": str(p)} for p in files]
+
+
+def class_counts(records: Sequence[Mapping[str, Any]], num_classes: int) -> list[int]:
+    """Training examples per class (the prior of the logit-adjusted loss)."""
+    counts = [0] * int(num_classes)
+    for r in records:
+        counts[int(r["label"])] += 1
+    return counts
 
 
 def checked(
@@ -143,10 +152,10 @@ def run_summary(output_dir: str | Path, run: RunRecord) -> dict[str, Any]:
     best = out / (BEST_DELTA_FILE if method == "shpeft" else BEST_TRAINABLE_FILE)
     if best.is_file():
         facts["artefact_bytes"] = best.stat().st_size
+        facts["best_epoch"] = saved_meta(best).get("epoch")
     if method == "shpeft" and best.is_file():
         delta = load_delta(best)
         facts.update(delta.summary())
-        facts["best_epoch"] = delta.meta.get("epoch")
         mask_file = out / MASK_FILE
         if mask_file.is_file():
             facts["selection_seconds"] = load_mask(mask_file).meta.get("selection_seconds")

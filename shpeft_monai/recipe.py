@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULTS",
+    "LogitAdjustedCrossEntropy",
     "Recipe",
     "TrainingRecipe",
     "loss_function",
@@ -346,6 +347,41 @@ class TrainingRecipe:
                 engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.clip)
 
 
-def loss_function(label_smoothing: float = DEFAULTS.label_smoothing) -> nn.Module:
-    """The training loss of the recipe: cross-entropy with ``label_smoothing``."""
-    return nn.CrossEntropyLoss(label_smoothing=float(label_smoothing))
+class LogitAdjustedCrossEntropy(nn.CrossEntropyLoss):
+    """Cross-entropy of ``logits + tau * log(prior)`` (Menon et al. 2021, "Long-tail learning via
+    logit adjustment"): training on data whose class prior is ``prior``, the model's own logits
+    learn the class-balanced posterior. A federated site whose labels are skewed thus trains the
+    head the balanced pooled data would, instead of one biased towards its own majority class.
+    The prior is add-one smoothed, ``(n_c + 1) / (N + C)``, so a site without a class still trains."""
+
+    def __init__(self, class_counts: Sequence[int], tau: float = 1.0, label_smoothing: float = 0.0) -> None:
+        super().__init__(label_smoothing=float(label_smoothing))
+        counts = torch.as_tensor([float(c) for c in class_counts])
+        if counts.numel() < 2 or not bool((counts >= 0).all()):
+            raise ValueError(
+                f"logit adjustment needs a count >= 0 for each of >= 2 classes, got {counts.tolist()}"
+            )
+        prior = (counts + 1) / (counts.sum() + counts.numel())
+        self.register_buffer("offset", float(tau) * torch.log(prior))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-1] != self.offset.numel():
+            raise ValueError(f"logits have {logits.shape[-1]} classes, the prior {self.offset.numel()}")
+        return super().forward(logits + self.offset.to(logits), target)
+
+
+def loss_function(
+    label_smoothing: float = DEFAULTS.label_smoothing,
+    logit_adjustment: float = 0.0,
+    class_counts: Sequence[int] | None = None,
+) -> nn.Module:
+    """The training loss of the recipe: cross-entropy with ``label_smoothing``; with
+    ``logit_adjustment`` tau > 0, logit-adjusted by the training data's ``class_counts``
+    (:class:`LogitAdjustedCrossEntropy`; no change on balanced data)."""
+    if logit_adjustment < 0:
+        raise ValueError(f"logit_adjustment={logit_adjustment!r} must be >= 0 (0 = plain cross-entropy)")
+    if logit_adjustment == 0:
+        return nn.CrossEntropyLoss(label_smoothing=float(label_smoothing))
+    if class_counts is None:
+        raise ValueError("logit_adjustment > 0 needs the training data's class_counts")
+    return LogitAdjustedCrossEntropy(class_counts, logit_adjustment, label_smoothing)

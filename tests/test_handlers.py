@@ -93,6 +93,31 @@ def test_best_artefact_saver_keeps_the_best_across_a_resume(tmp_path) -> None:
     assert saved_best() == 0.95
 
 
+def test_run_summary_reports_the_best_epoch_of_every_method(tmp_path) -> None:
+    """Full fine-tuning, BitFit, LoRA and the probe save a trainable state, not a delta: the report
+    still says which epoch model selection chose."""
+    from types import SimpleNamespace
+
+    from shpeft_monai.bundle import run_summary
+    from shpeft_monai.handlers import BestArtefactSaver
+
+    net = nn.Sequential(nn.Linear(3, 2))
+    scores = iter([0.5, 0.8, 0.6])
+    ev = Engine(lambda engine, batch: {})
+
+    @ev.on(Events.EPOCH_COMPLETED)
+    def _metric(engine):
+        engine.state.metrics = {"val_selection": next(scores)}
+
+    BestArtefactSaver(tmp_path, net).attach(ev)
+    ev.run([0], max_epochs=3)
+    run = SimpleNamespace(
+        method="full", network_name="n", img_size=8, class_names=("a", "b"), data={}, scored={}
+    )
+    facts = run_summary(tmp_path, run)
+    assert facts["best_epoch"] == 2 and facts["artefact_bytes"] > 0
+
+
 def test_handlers_see_through_distributed_wrappers(tmp_path) -> None:
     from shpeft_monai import SHPEFTConfig, extract_delta, inject, is_injected, select_mask
 

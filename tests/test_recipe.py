@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from shpeft_monai import SHPEFTConfig, inject, recipe, select_mask
 from shpeft_monai.methods import prepare_method, trainable_parameters
@@ -207,6 +208,30 @@ def test_clipping_needs_the_backward_event() -> None:
 def test_loss_function_label_smoothing() -> None:
     assert recipe.loss_function(0.1).label_smoothing == 0.1
     assert recipe.loss_function().label_smoothing == DEFAULTS.label_smoothing
+
+
+def test_logit_adjusted_loss_is_cross_entropy_of_shifted_logits() -> None:
+    from shpeft_monai.bundle import class_counts
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]])
+    target = torch.tensor([0, 2])
+    counts = class_counts([{"label": 0}] * 6 + [{"label": 1}] * 3 + [{"label": 2}], 3)
+    assert counts == [6, 3, 1]
+    loss = recipe.loss_function(0.0, logit_adjustment=2.0, class_counts=counts)
+    shifted = logits + 2.0 * torch.log(torch.tensor([7.0, 4.0, 2.0]) / 13)  # add-one smoothed prior
+    torch.testing.assert_close(loss(logits, target), F.cross_entropy(shifted, target))
+    # balanced data: no change from plain cross-entropy; tau 0: plain cross-entropy itself
+    flat = recipe.loss_function(0.1, logit_adjustment=1.0, class_counts=[5, 5, 5])
+    torch.testing.assert_close(flat(logits, target), F.cross_entropy(logits, target, label_smoothing=0.1))
+    assert type(recipe.loss_function(0.1, 0.0, [1, 0])) is torch.nn.CrossEntropyLoss
+    # a site without a class still trains (the smoothed prior is finite)
+    assert torch.isfinite(recipe.loss_function(0.0, 1.0, [4, 0])(logits[:, :2], torch.tensor([0, 1])))
+    with pytest.raises(ValueError, match=">= 2 classes"):
+        recipe.loss_function(0.0, 1.0, [4, -1])
+    with pytest.raises(ValueError, match="class_counts"):
+        recipe.loss_function(0.0, 1.0)
+    with pytest.raises(ValueError, match="the prior 2"):
+        recipe.loss_function(0.0, 1.0, [1, 1])(logits, target)
 
 
 def test_recipe_validation() -> None:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shpeft_monai.fl.settings import Settings
 from shpeft_monai.io import FEDERATED_REPORT_FILE, GLOBAL_DELTA_FILE, write_json
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--seed", type=int, default=0)
     a("--aggregation", choices=("mean", "median", "trimmed_mean"), default="mean")
     a("--trim-fraction", type=float, default=0.2)
-    a("--server-lr", type=float, default=1.0, help="server learning rate on the combined change (1 = FedAvg)")
+    a("--server-lr", type=float, default=Settings.server_lr, help="server learning rate (1 = plain FedAvg)")
     a("--dp-epsilon", type=float, default=0.0, help="site-level DP: epsilon over all rounds (0 = off)")
     a("--dp-noise-multiplier", type=float, default=0.0, help="or the noise multiplier itself")
     a("--dp-clip", type=float, default=0.0, help="L2 bound of a site's change per round (with DP)")
@@ -149,6 +150,7 @@ def _reference(name: str, dataset: Path, s: Any, epochs: int, test: list[dict[st
     from shpeft_monai.fl.task import SiteBundle, evaluate_records
 
     t0 = time.perf_counter()
+    logger.info("reference %s: the bundle alone for %d epochs on %s", name, epochs, dataset.name)
     s = dataclasses.replace(s, dataset=str(dataset))
     model = SiteBundle(s, dataset.parent / f"ref-{name}").train_alone(epochs)
     from shpeft_monai import get_mask
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides = overrides_of(args)
     from shpeft_monai.data import load_split, subsample
     from shpeft_monai.fl.partition import site_datalists
-    from shpeft_monai.fl.task import Settings, base_network, evaluate_records
+    from shpeft_monai.fl.task import base_network, evaluate_records
 
     s = Settings.from_config(overrides)
     splits = load_split("br35h")

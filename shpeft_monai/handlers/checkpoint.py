@@ -40,12 +40,18 @@ from .validation import SELECTION_METRIC
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["BestArtefactSaver", "TrainingCheckpoint", "load_trainable_state"]
+__all__ = ["BestArtefactSaver", "TrainingCheckpoint", "load_trainable_state", "saved_meta"]
 
 
 def _save_trainable(path: Path, network: torch.nn.Module, meta: dict[str, Any]) -> None:
     data = save(trainable_state(bare_module(network)), metadata={"meta": dumps_json(meta, indent=None)})
     atomic_write_bytes(path, data)
+
+
+def saved_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta`` a best artefact (delta or trainable state) was saved with: epoch, best metric."""
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("meta", "{}"))
 
 
 def load_trainable_state(network: torch.nn.Module, path: str | Path) -> None:
@@ -78,8 +84,7 @@ class BestArtefactSaver:
         for name in (BEST_DELTA_FILE, BEST_TRAINABLE_FILE):
             path = self.output_dir / name
             if path.is_file():
-                with safe_open(str(path), "pt") as f:
-                    meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+                meta = saved_meta(path)
                 if meta.get("best_metric") is not None:
                     return float(meta["best_metric"])
         return None
