@@ -47,9 +47,7 @@ class Settings:
     round_timeout: float = 3600.0  # seconds the server waits for replies before going on without them
     aggregation: str = "mean"  # mean | median | trimmed_mean (shpeft_monai.fl.robust)
     trim_fraction: float = 0.2
-    # global values move by server_lr x the round's combined change (1 = plain FedAvg); 3 was chosen
-    # on the simulation's validation split (3 label-skewed sites; README, "Federated")
-    server_lr: float = 3.0
+    server_lr: float = 1.0  # global values move by server_lr x the round's combined change (1 = FedAvg)
     dp_epsilon: float = 0.0  # > 0: each site adds noise for this epsilon over all rounds
     dp_noise_multiplier: float = 0.0  # or the noise multiplier itself
     dp_clip: float = 0.0  # L2 bound of a site's change per round (needed with DP)
