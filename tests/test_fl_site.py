@@ -68,3 +68,41 @@ def test_site_trains_through_the_bundle_and_a_kept_workflow_equals_a_new_one(tmp
 
     metrics = site.evaluate(mask, *new[:2])
     assert metrics["num-examples"] == 6 and 0 <= metrics["accuracy"] <= 1
+
+
+def test_a_site_can_continue_its_optimizer_moments_across_rounds(tmp_path):
+    """keep-optimizer-state: round r loads the AdamW moments the site saved after round r - 1 (a
+    few KB per round, per mask), so a rebuilt workflow still trains like a kept one, and the moments
+    change what round 2 does."""
+    from shpeft_monai.agreement import agree_mask, combine_candidates, site_candidates
+    from shpeft_monai.fl import task
+    from shpeft_monai.fl.partition import site_datalists
+    from shpeft_monai.fl.task import Settings, SiteBundle, base_network
+    from shpeft_monai.model import eligible_parameters, head_parameters
+    from shpeft_monai.scoring import task_agnostic_scores
+
+    (data,) = site_datalists(tmp_path / "data", 1, train_per_site=8, val_per_site=6)
+    kept = Settings.from_config(TINY, {"dataset": str(data), "keep-optimizer-state": "true"})
+    assert kept.keep_optimizer_state
+    cfg = kept.shpeft()
+    base = base_network(kept)
+    head0 = {n: p.detach().numpy().copy() for n, p in head_parameters(base, cfg).items()}
+    site = SiteBundle(kept, tmp_path / "work")
+    c = site.calibrate(head0)
+    idx, sc = site_candidates(c["scores"], 40)
+    ta = task_agnostic_scores(eligible_parameters(base, cfg), cfg.agnostic_estimator)
+    mask = agree_mask(cfg, combine_candidates([(idx, sc, 8)], c["n_eligible"], cfg), ta, c["fingerprint"])
+
+    v1, h1, _, _ = site.train(mask, np.zeros(mask.k, np.float32), head0, server_round=1)
+    files = sorted((tmp_path / "work" / "optimizer").iterdir())
+    assert [f.name for f in files] == [f"{mask.fingerprint[:16]}_round1.pt"]
+    assert files[0].stat().st_size < 200_000  # k values and the head, never the dense model
+    task._ROUNDS.clear()
+    a = site.train(mask, v1, h1, server_round=2)
+    task._ROUNDS.clear()
+    b = site.train(mask, v1, h1, server_round=2)  # a retried round repeats itself
+    np.testing.assert_array_equal(a[0], b[0])
+    task._ROUNDS.clear()
+    fresh = SiteBundle(Settings.from_config(TINY, {"dataset": str(data)}), tmp_path / "work2")
+    c = fresh.train(mask, v1, h1, server_round=2)  # zero moments: a different step
+    assert not np.array_equal(a[0], c[0])

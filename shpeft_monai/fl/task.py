@@ -12,6 +12,7 @@ the node config; every key has a default because ``run_simulation()`` passes an 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections.abc import Mapping
@@ -235,6 +236,9 @@ class SiteBundle:
         r = self._round_workflow(mask)
         load_global(r.model, mask, values, head, r.cfg)
         r.optimizer.state.clear()
+        rnd = max(int(server_round), 1)
+        if self.s.keep_optimizer_state:
+            self._load_optimizer_state(r.optimizer, mask, rnd - 1)
         seed = self.s.seed + ROUND_SEED * int(server_round)  # this round's shuffle and augmentation
         set_determinism(seed=seed)
         trainer = r.workflow.trainer
@@ -244,7 +248,7 @@ class SiteBundle:
         set_rnd(loader.dataset, seed)
         r.losses.clear()
         # round r continues one schedule over all rounds: resume at epoch (r - 1) * local epochs
-        epochs, steps, rnd = self.s.local_epochs, len(loader), max(int(server_round), 1)
+        epochs, steps = self.s.local_epochs, len(loader)
         st = trainer.state
         st.epoch, st.iteration = (rnd - 1) * epochs, (rnd - 1) * epochs * steps
         st.max_epochs, st.epoch_length = rnd * epochs, steps
@@ -253,7 +257,35 @@ class SiteBundle:
         if not math.isfinite(loss):
             raise FloatingPointError(f"local training diverged (mean loss {loss}); lower the bundle's `lr`")
         new_values, new_head = global_state(r.model, mask)
+        if self.s.keep_optimizer_state:
+            self._save_optimizer_state(r.optimizer, mask, rnd)
         return new_values, new_head, len(loader.dataset), loss
+
+    def _optimizer_file(self, mask: SparseMask, server_round: int) -> Path:
+        return self.work_dir / "optimizer" / f"{mask.fingerprint[:16]}_round{server_round}.pt"
+
+    def _load_optimizer_state(self, optimizer: Any, mask: SparseMask, server_round: int) -> None:
+        """AdamW moments of the k values and the head after this site's round ``server_round`` (a
+        few KB), so local steps continue them instead of restarting from zero moments; per round,
+        so a retried round loads what its first attempt loaded."""
+        path = self._optimizer_file(mask, server_round)
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(
+                {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+            )
+
+    def _save_optimizer_state(self, optimizer: Any, mask: SparseMask, server_round: int) -> None:
+        from shpeft_monai.io import atomic_write_bytes
+
+        path = self._optimizer_file(mask, server_round)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(optimizer.state_dict()["state"], buf)
+        atomic_write_bytes(path, buf.getvalue())
+        for old in path.parent.glob(f"{mask.fingerprint[:16]}_round*.pt"):  # keep this round and the last
+            if int(old.stem.rsplit("round", 1)[1]) < server_round - 1:
+                old.unlink(missing_ok=True)
 
     def train_alone(self, epochs: int) -> nn.Module:
         """The plain bundle run on this site's data (the simulation's references): the site selects
