@@ -392,7 +392,11 @@ def render(data: dict[str, Any]) -> str:
         "Written by `benchmarks/fed_privacy.py`; see docs/federated_privacy.md.",
         "",
     ]
-    for key, title in (("sweep", "Test accuracy against epsilon"), ("sweep_rerun", "Rerun on one commit")):
+    for key, title in (
+        ("sweep", "Test accuracy against epsilon"),
+        ("sweep_rerun", "Before the mask-agreement fix: rerun on one commit"),
+        ("sweep_before_fix", "Before the mask-agreement fix: first sweep"),
+    ):
         if key in data:
             lines += _sweep_lines(data[key], title)
     if "accountant" in data:
