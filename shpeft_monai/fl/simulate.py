@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = overrides_of(args)
+    from shpeft_monai.bundle import class_counts
     from shpeft_monai.data import load_split, subsample
     from shpeft_monai.fl.partition import site_datalists
     from shpeft_monai.fl.task import base_network, evaluate_records
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     site_stats = [
         {
             "images": len(d["training"]),
-            "label_counts": {str(c): sum(r["label"] == c for r in d["training"]) for c in (0, 1)},
+            "label_counts": {str(c): n for c, n in enumerate(class_counts(d["training"], s.num_classes))},
         }
         for d in sites
     ]
