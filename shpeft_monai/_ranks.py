@@ -155,10 +155,11 @@ def weighted_rank_global(
     while True:
         pos_ts, rank_ts, out_ts = _tail(ts, names, r_ts.hist, r_ts.distinct, m)
         pos_ta, rank_ta, out_ta = _tail(ta, names, r_ta.hist, r_ta.distinct, m)
-        both = torch.isin(pos_ts, pos_ta)
-        cand = pos_ts[both]
+        # both position lists ascend: intersect by binary search (torch.isin sorts both, 4x the memory)
+        j = torch.searchsorted(pos_ta, pos_ts).clamp_(max=max(pos_ta.numel() - 1, 0))
+        both = pos_ta[j] == pos_ts if pos_ta.numel() else torch.zeros_like(pos_ts, dtype=torch.bool)
+        cand, j = pos_ts[both], j[both]
         if cand.numel() >= k:
-            j = torch.searchsorted(pos_ta, cand)
             mixed = lam * _norm(rank_ts[both], r_ts.denom) + (1.0 - lam) * _norm(rank_ta[j], r_ta.denom)
             sel = _flat_topk(mixed, k)
             tau = float(mixed[sel].min())
