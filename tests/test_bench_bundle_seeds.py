@@ -65,8 +65,11 @@ def test_runs_that_scored_other_files_are_refused(tmp_path) -> None:
 
 
 def test_ablation_points_override_one_setting_and_skip_the_bundles_own() -> None:
+    from shpeft_monai.recipe import DEFAULTS
+
     points = bundle_seeds.ablation_points(["rho", "estimator", "calibration_loss"], "cpu_demo.yaml")
-    assert "lam=0.5" not in points and "estimator=l1" not in points  # the shpeft run itself
+    assert f"lam={DEFAULTS.lam:g}" not in points and "estimator=l1" not in points  # the shpeft run itself
+    assert {"lam=0", "lam=1"} <= set(points) and len([p for p in points if p.startswith("lam=")]) == 4
     assert "calibration_loss=ce+warmup" not in points
     assert points["lam=0.25"][:4] == ["--shpeft#hybrid", "weighted", "--shpeft#lam", "0.25"]
     assert points["calibration_loss=ce+no_warmup"][-2:] == ["--shpeft#head_warmup_steps", "0"]
