@@ -62,7 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--aggregation", choices=("mean", "median", "trimmed_mean"), default="mean")
     a("--trim-fraction", type=float, default=0.2)
     a("--server-lr", type=float, default=Settings.server_lr, help="server learning rate (1 = plain FedAvg)")
-    a("--keep-optimizer-state", action="store_true", help="sites continue their AdamW moments across rounds")
+    a(
+        "--keep-optimizer-state",
+        action=argparse.BooleanOptionalAction,
+        default=Settings.keep_optimizer_state,
+        help="sites continue their AdamW moments across rounds",
+    )
     a("--dp-epsilon", type=float, default=0.0, help="site-level DP: epsilon over all rounds (0 = off)")
     a("--dp-noise-multiplier", type=float, default=0.0, help="or the noise multiplier itself")
     a("--dp-clip", type=float, default=0.0, help="L2 bound of a site's change per round (with DP)")
