@@ -7,9 +7,10 @@ patterns, so a histogram of the high 16 bits splits the value range into chunks 
 each chunk's distinct values come from one pass over the tensors (``torch.unique`` of that chunk
 only). :class:`DenseRanks` counts them, or keeps them for rank look-ups (at most one float per
 entry, fewer with ties).
-:func:`weighted_rank_global` needs only the counts plus the exact ranks of the upper tails of both
-scores, grown until a bound proves that no entry outside them can reach the top-k. The float32
-arithmetic is the reference's, so the masks are identical.
+:func:`weighted_rank_global` needs only the exact ranks of the upper tail of the score with the larger
+weight, and the exact ranks of the other score at those entries alone (answered during that score's
+counting pass), the tail grown until a bound proves that no entry outside it can reach the top-k.
+The float32 arithmetic is the reference's, so the masks are identical.
 """
 
 from __future__ import annotations
@@ -62,10 +63,16 @@ class DenseRanks:
         keep: keep the distinct values for :meth:`rank` (else only :attr:`distinct` is counted).
         chunk: entries gathered at once (default: a 64th of all entries, at least 1 Mi: each chunk
             costs one more pass over the scores, and its sort is the peak of the whole selection).
+        queries: values (each one of the scores' entries) whose dense ranks :attr:`query_ranks`
+            answers from the same pass, without keeping the distinct values.
     """
 
     def __init__(
-        self, scores: Mapping[str, torch.Tensor], keep: bool = True, chunk: int | None = None
+        self,
+        scores: Mapping[str, torch.Tensor],
+        keep: bool = True,
+        chunk: int | None = None,
+        queries: torch.Tensor | None = None,
     ) -> None:
         self.hist = _histogram(scores)
         self._keep = keep
@@ -83,6 +90,9 @@ class DenseRanks:
                 size = 0
             groups[-1] = (groups[-1][0], b + 1)
             size += int(self.hist[b])
+        q = queries.reshape(-1).float().contiguous() if queries is not None else torch.zeros(0)
+        q_bits = _bits_hi(q)
+        self.query_ranks = torch.zeros(q.numel(), dtype=torch.int64)
         distinct = 0
         for lo, hi in groups:
             parts = []
@@ -92,6 +102,9 @@ class DenseRanks:
                 parts.append(v[(h >= lo) & (h < hi)])
             u = torch.unique(torch.cat(parts))
             del parts
+            if q.numel():
+                in_chunk = (q_bits >= lo) & (q_bits < hi)
+                self.query_ranks[in_chunk] = distinct + torch.searchsorted(u, q[in_chunk])
             self.starts.append(lo)
             self.offsets.append(distinct)
             if keep:
@@ -140,39 +153,53 @@ def _tail(
     return positions, ranks, (below - 1 if outside else None)
 
 
+def _gather(scores: Mapping[str, torch.Tensor], names: list[str], positions: torch.Tensor) -> torch.Tensor:
+    """Values of the scores at ascending global positions (one tensor at a time)."""
+    out, off = [], 0
+    for n in names:
+        v = _flat(scores, n)
+        sel = positions[(positions >= off) & (positions < off + v.numel())] - off
+        out.append(v[sel])
+        off += v.numel()
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def weighted_rank_global(
     ts: Mapping[str, torch.Tensor], ta: Mapping[str, torch.Tensor], lam: float, k: int
 ) -> dict[str, torch.Tensor]:
     """Top-k of ``lam * rank_norm(ts) + (1 - lam) * rank_norm(ta)`` over all tensors, exactly as
-    :func:`.selection.select_indices` (weighted, rank, global) returns it."""
+    :func:`.selection.select_indices` (weighted, rank, global) returns it.
+
+    Candidates are the upper tail of the score with the larger weight (ts when ``lam >= 0.5``), each
+    scored exactly (the other score's ranks at those entries come from its counting pass); an entry
+    outside the tail scores at most ``weight * (its rank bound) + (1 - weight) * 1``, so the tail
+    grows until the k-th candidate beats that.
+    """
     names = list(ta)
     sizes = {n: (ta.shapes[n].numel() if hasattr(ta, "shapes") else ta[n].numel()) for n in names}
     total = sum(sizes.values())
-    r_ts, r_ta = DenseRanks(ts, keep=False), DenseRanks(ta, keep=False)
-    top_ts = _norm(torch.tensor([r_ts.distinct - 1]), r_ts.denom)
-    top_ta = _norm(torch.tensor([r_ta.distinct - 1]), r_ta.denom)
+    main_is_ts = lam >= 0.5
+    main, other = (ts, ta) if main_is_ts else (ta, ts)
+    r_main = DenseRanks(main, keep=False)
     m = min(total, max(4 * k, int(2 * math.sqrt(k * total))))
     while True:
-        pos_ts, rank_ts, out_ts = _tail(ts, names, r_ts.hist, r_ts.distinct, m)
-        pos_ta, rank_ta, out_ta = _tail(ta, names, r_ta.hist, r_ta.distinct, m)
-        # both position lists ascend: intersect by binary search (torch.isin sorts both, 4x the memory)
-        j = torch.searchsorted(pos_ta, pos_ts).clamp_(max=max(pos_ta.numel() - 1, 0))
-        both = pos_ta[j] == pos_ts if pos_ta.numel() else torch.zeros_like(pos_ts, dtype=torch.bool)
-        cand, j = pos_ts[both], j[both]
-        if cand.numel() >= k:
-            mixed = lam * _norm(rank_ts[both], r_ts.denom) + (1.0 - lam) * _norm(rank_ta[j], r_ta.denom)
-            sel = _flat_topk(mixed, k)
-            tau = float(mixed[sel].min())
-            bounds = [float("-inf")]
-            if out_ts is not None:  # best an entry below the ts tail can score
-                bounds.append(float(lam * _norm(torch.tensor([out_ts]), r_ts.denom) + (1.0 - lam) * top_ta))
-            if out_ta is not None:
-                bounds.append(float(lam * top_ts + (1.0 - lam) * _norm(torch.tensor([out_ta]), r_ta.denom)))
-            if tau > max(bounds):  # strictly: an outside tie at a lower position would win
-                picked = cand[sel]
-                break
-        if m >= total:
-            raise AssertionError("weighted rank selection found fewer than k candidates in all entries")
+        pos, rank_main, out_main = _tail(main, names, r_main.hist, r_main.distinct, m)
+        r_other = DenseRanks(other, keep=False, queries=_gather(other, names, pos))
+        n_main, n_other = _norm(rank_main, r_main.denom), _norm(r_other.query_ranks, r_other.denom)
+        n_ts, n_ta = (n_main, n_other) if main_is_ts else (n_other, n_main)
+        mixed = lam * n_ts + (1.0 - lam) * n_ta  # the reference's expression, term for term
+        sel = _flat_topk(mixed, k)
+        if out_main is None:  # the tail holds every entry
+            picked = pos[sel]
+            break
+        # the best an outside entry can score, in the same float32 operations (each is monotone)
+        b_main = _norm(torch.tensor([out_main]), r_main.denom)
+        b_other = _norm(torch.tensor([r_other.distinct - 1]), r_other.denom)
+        b_ts, b_ta = (b_main, b_other) if main_is_ts else (b_other, b_main)
+        bound = float((lam * b_ts + (1.0 - lam) * b_ta)[0])
+        if float(mixed[sel].min()) > bound:  # strictly: an outside tie at a lower position would win
+            picked = pos[sel]
+            break
         m = min(total, 4 * m)
     out, start = {}, 0
     for n in names:

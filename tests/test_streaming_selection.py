@@ -181,3 +181,14 @@ def test_checkpointed_streaming_calibration_is_bit_identical_on_a_timm_vit() -> 
         a = select_mask(_tiny_vit(), c, data, progress=False, streaming=False)
         b = select_mask(_tiny_vit(), c, data, progress=False)
         assert _same(a.indices, b.indices), mode
+
+
+def test_dense_rank_queries_equal_kept_ranks() -> None:
+    """Ranks of chosen entries answered in the counting pass equal the kept-values look-up."""
+    ts, _ = _scores(1)
+    flat = torch.cat([t.reshape(-1) for t in ts.values()])
+    queries = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:200]]
+    kept = DenseRanks(ts, keep=True, chunk=50)
+    counted = DenseRanks(ts, keep=False, chunk=50, queries=queries)
+    assert counted.distinct == kept.distinct
+    assert torch.equal(counted.query_ranks, kept.rank(queries))
