@@ -1,8 +1,8 @@
 """Selection cost: time and peak memory of each task-specific estimator, beside the training it enables.
 
 For each model (``benchmarks.step_cost`` models: ViT-S/14 with its real weights, ViT-B/16 random
-init) and each estimator, one selection at the default recipe (weighted hybrid, ``lam`` 0.5, rank
-normalisation, global threshold, budget 1e-4) on one calibration batch of random images
+init) and each estimator, one selection at the default recipe (weighted hybrid, ``recipe.DEFAULTS.lam``,
+rank normalisation, global threshold, budget 1e-4) on one calibration batch of random images
 (``head_warmup_steps=0``: the warm-up trains the head only and is not part of the estimator):
 
 * ``gradient_reference``: ``select_mask(..., streaming=False)``, every gradient kept until backward
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     facts = machine_facts(args.device, opts.threads)
     header = (
         f"# Selection cost (benchmarks/selection_cost.py)\n\n{facts.get('cpu_model', args.device)}, {opts.threads} threads; "
-        f"batch {opts.batch_size}, {opts.img_size} px, one calibration batch, default recipe (weighted, lam 0.5, "
+        f"batch {opts.batch_size}, {opts.img_size} px, one calibration batch, default recipe (weighted, lam {rows[0]['config']['lam'] if rows else '-'}, "
         f"rank, global), budget {opts.budget}; load average at start {load} (1/5/15 min; timings are "
         "evidence only when it is near or below the thread count). Peak: growth above a baseline taken "
         "after model and batch exist (benchmarks.common.MemoryProbe), each selection in a fresh process."
