@@ -153,15 +153,19 @@ def _tail(
     return positions, ranks, (below - 1 if outside else None)
 
 
-def _gather(scores: Mapping[str, torch.Tensor], names: list[str], positions: torch.Tensor) -> torch.Tensor:
-    """Values of the scores at ascending global positions (one tensor at a time)."""
-    out, off = [], 0
-    for n in names:
-        v = _flat(scores, n)
-        sel = positions[(positions >= off) & (positions < off + v.numel())] - off
-        out.append(v[sel])
-        off += v.numel()
-    return torch.cat(out) if out else torch.zeros(0)
+def _split(positions: torch.Tensor, sizes: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Ascending global positions (tensors in name order) as positions inside each tensor."""
+    out, start = {}, 0
+    for n, size in sizes.items():
+        out[n] = positions[(positions >= start) & (positions < start + size)] - start
+        start += size
+    return out
+
+
+def _gather(scores: Mapping[str, torch.Tensor], local: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Values of the scores at per-tensor positions (one tensor at a time), in name order."""
+    parts = [_flat(scores, n)[i] for n, i in local.items()]
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def weighted_rank_global(
@@ -184,7 +188,7 @@ def weighted_rank_global(
     m = min(total, max(4 * k, int(2 * math.sqrt(k * total))))
     while True:
         pos, rank_main, out_main = _tail(main, names, r_main.hist, r_main.distinct, m)
-        r_other = DenseRanks(other, keep=False, queries=_gather(other, names, pos))
+        r_other = DenseRanks(other, keep=False, queries=_gather(other, _split(pos, sizes)))
         n_main, n_other = _norm(rank_main, r_main.denom), _norm(r_other.query_ranks, r_other.denom)
         n_ts, n_ta = (n_main, n_other) if main_is_ts else (n_other, n_main)
         mixed = lam * n_ts + (1.0 - lam) * n_ta  # the reference's expression, term for term
@@ -201,8 +205,4 @@ def weighted_rank_global(
             picked = pos[sel]
             break
         m = min(total, 4 * m)
-    out, start = {}, 0
-    for n in names:
-        out[n] = picked[(picked >= start) & (picked < start + sizes[n])] - start
-        start += sizes[n]
-    return out
+    return _split(picked, sizes)
