@@ -25,9 +25,9 @@ from .selection import _flat_topk
 __all__ = ["DenseRanks", "weighted_rank_global"]
 
 _BINS = 1 << 15  # high 16 bits of a non-negative float32
-# Entries scanned at once: every temporary of a scan (bits, masks) is one slice, so the same few
-# blocks are reused by the allocator instead of tensor-sized ones that fragment the heap (measured
-# on ViT-B/16: the forward-only selection's peak fell from 340 to under 130 MiB; benchmarks/selection_cost).
+# Entries scanned at once: every temporary of a scan (bits, masks) is one slice, so the allocator
+# reuses the same few blocks instead of tensor-sized ones that fragment the heap and stay resident
+# (the forward-only selection's peak on ViT-B/16: benchmarks/selection_cost, README).
 _SLICE = 1 << 18
 
 

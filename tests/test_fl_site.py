@@ -107,3 +107,36 @@ def test_a_site_can_continue_its_optimizer_moments_across_rounds(tmp_path):
     fresh = SiteBundle(plain, tmp_path / "work2")
     c = fresh.train(mask, v1, h1, server_round=2)  # zero moments: a different step
     assert not np.array_equal(a[0], c[0])
+
+
+def test_local_batch_size_changes_only_the_rounds_training_batch(tmp_path):
+    """local-batch-size: a round trains at the site's batch (more steps per epoch, the schedule
+    spanning them), while calibration and the references keep the bundle's batch."""
+    from shpeft_monai.agreement import agree_mask, combine_candidates, site_candidates
+    from shpeft_monai.fl import task
+    from shpeft_monai.fl.partition import site_datalists
+    from shpeft_monai.fl.task import Settings, SiteBundle, base_network
+    from shpeft_monai.model import eligible_parameters, head_parameters
+    from shpeft_monai.scoring import task_agnostic_scores
+
+    (data,) = site_datalists(tmp_path / "data", 1, train_per_site=8, val_per_site=6)
+    s = Settings.from_config(TINY, {"dataset": str(data), "local-batch-size": "2"})
+    assert s.local_batch_size == 2
+    cfg = s.shpeft()
+    base = base_network(s)
+    head0 = {n: p.detach().numpy().copy() for n, p in head_parameters(base, cfg).items()}
+    site = SiteBundle(s, tmp_path / "work")
+    c = site.calibrate(head0)
+    idx, sc = site_candidates(c["scores"], 40)
+    ta = task_agnostic_scores(eligible_parameters(base, cfg), cfg.agnostic_estimator)
+    mask = agree_mask(cfg, combine_candidates([(idx, sc, 8)], c["n_eligible"], cfg), ta, c["fingerprint"])
+
+    task._ROUNDS.clear()
+    site.train(mask, np.zeros(mask.k, np.float32), head0, server_round=1)
+    wf = next(iter(task._ROUNDS.values())).workflow
+    assert wf.parser.get_parsed_content("train#dataloader").batch_size == 2
+    assert wf.trainer.state.iteration == 4  # 8 images at batch 2 (the bundle's batch 4: 2 steps)
+    assert wf.parser.get_parsed_content("train#calib_loader").batch_size == 4
+    task._ROUNDS.clear()
+    reference = site.workflow(max_epochs=1, fl_rounds=1)  # what the simulation's references train
+    assert reference.parser.get_parsed_content("train#dataloader").batch_size == 4

@@ -49,6 +49,9 @@ class Settings:
     trim_fraction: float = 0.2
     server_lr: float = 1.0  # global values move by server_lr x the round's combined change (1 = FedAvg)
     keep_optimizer_state: bool = True  # sites continue their AdamW moments across rounds (a few KB on disk)
+    # a site's training batch in rounds (0 = the bundle's): n sites at batch b average like one
+    # centralised step at batch n*b, so b = bundle batch / n keeps the centralised step count
+    local_batch_size: int = 0
     dp_epsilon: float = 0.0  # > 0: each site adds noise for this epsilon over all rounds
     dp_noise_multiplier: float = 0.0  # or the noise multiplier itself
     dp_clip: float = 0.0  # L2 bound of a site's change per round (needed with DP)

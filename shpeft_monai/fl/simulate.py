@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=Settings.keep_optimizer_state,
         help="sites continue their AdamW moments across rounds",
     )
+    a(
+        "--local-batch-size",
+        type=int,
+        default=Settings.local_batch_size,
+        help="a site's training batch in rounds (0 = the bundle's; references keep the bundle's)",
+    )
     a("--dp-epsilon", type=float, default=0.0, help="site-level DP: epsilon over all rounds (0 = off)")
     a("--dp-noise-multiplier", type=float, default=0.0, help="or the noise multiplier itself")
     a("--dp-clip", type=float, default=0.0, help="L2 bound of a site's change per round (with DP)")
@@ -124,6 +130,7 @@ def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
         "trim-fraction": args.trim_fraction,
         "server-lr": args.server_lr,
         "keep-optimizer-state": args.keep_optimizer_state,
+        "local-batch-size": args.local_batch_size,
         "dp-epsilon": args.dp_epsilon,
         "dp-noise-multiplier": args.dp_noise_multiplier,
         "dp-clip": args.dp_clip,

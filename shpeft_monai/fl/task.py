@@ -204,7 +204,10 @@ class SiteBundle:
         key = (str(self.work_dir), mask.fingerprint, self.s)
         hit = _ROUNDS.pop(key, None)
         if hit is None:
-            wf = self.workflow(mask)
+            extra = (
+                {"train#dataloader#batch_size": self.s.local_batch_size} if self.s.local_batch_size else {}
+            )
+            wf = self.workflow(mask, **extra)
             p = wf.parser
             hit = _Round(
                 wf,
