@@ -18,6 +18,7 @@ TINY = {
     "shpeft#calibration_batches=1 shpeft#head_warmup_steps=1",
     "pretrained": False,
     "num-server-rounds": 3,
+    "local-batch-size": 4,  # the bundle's batch (the default would take 4 / min-nodes)
 }
 
 
@@ -111,7 +112,8 @@ def test_a_site_can_continue_its_optimizer_moments_across_rounds(tmp_path):
 
 def test_local_batch_size_changes_only_the_rounds_training_batch(tmp_path):
     """local-batch-size: a round trains at the site's batch (more steps per epoch, the schedule
-    spanning them), while calibration and the references keep the bundle's batch."""
+    spanning them), by default the bundle's batch / min-nodes; calibration and the references keep
+    the bundle's batch."""
     from shpeft_monai.agreement import agree_mask, combine_candidates, site_candidates
     from shpeft_monai.fl import task
     from shpeft_monai.fl.partition import site_datalists
@@ -140,3 +142,9 @@ def test_local_batch_size_changes_only_the_rounds_training_batch(tmp_path):
     task._ROUNDS.clear()
     reference = site.workflow(max_epochs=1, fl_rounds=1)  # what the simulation's references train
     assert reference.parser.get_parsed_content("train#dataloader").batch_size == 4
+    for nodes, expected in ((3, 1), (2, 2), (1, 4)):  # default: round(bundle batch 4 / min-nodes)
+        auto = Settings.from_config(TINY, {"dataset": str(data), "local-batch-size": 0, "min-nodes": nodes})
+        task._ROUNDS.clear()
+        wf = SiteBundle(auto, tmp_path / f"auto{nodes}")._round_workflow(mask).workflow
+        assert wf.parser.get_parsed_content("train#dataloader").batch_size == expected
+    task._ROUNDS.clear()

@@ -49,8 +49,9 @@ class Settings:
     trim_fraction: float = 0.2
     server_lr: float = 1.0  # global values move by server_lr x the round's combined change (1 = FedAvg)
     keep_optimizer_state: bool = True  # sites continue their AdamW moments across rounds (a few KB on disk)
-    # a site's training batch in rounds (0 = the bundle's): n sites at batch b average like one
-    # centralised step at batch n*b, so b = bundle batch / n keeps the centralised step count
+    # a site's training batch in rounds. n sites at batch b average like one centralised step at
+    # batch n*b, so 0 (default) takes the bundle's batch_size / min-nodes (rounded, at least 1): the
+    # rounds make as many steps as centralised training on the pooled data. > 0: this batch.
     local_batch_size: int = 0
     dp_epsilon: float = 0.0  # > 0: each site adds noise for this epsilon over all rounds
     dp_noise_multiplier: float = 0.0  # or the noise multiplier itself

@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--local-batch-size",
         type=int,
         default=Settings.local_batch_size,
-        help="a site's training batch in rounds (0 = the bundle's; references keep the bundle's)",
+        help="a site's training batch in rounds (0 = the bundle's batch / sites; references keep the bundle's)",
     )
     a("--dp-epsilon", type=float, default=0.0, help="site-level DP: epsilon over all rounds (0 = off)")
     a("--dp-noise-multiplier", type=float, default=0.0, help="or the noise multiplier itself")

@@ -204,10 +204,8 @@ class SiteBundle:
         key = (str(self.work_dir), mask.fingerprint, self.s)
         hit = _ROUNDS.pop(key, None)
         if hit is None:
-            extra = (
-                {"train#dataloader#batch_size": self.s.local_batch_size} if self.s.local_batch_size else {}
-            )
-            wf = self.workflow(mask, **extra)
+            batch = self.s.local_batch_size or f"$max(1, round(@batch_size / {self.s.min_nodes}))"
+            wf = self.workflow(mask, **{"train#dataloader#batch_size": batch})
             p = wf.parser
             hit = _Round(
                 wf,
