@@ -22,6 +22,28 @@ TINY = {
 }
 
 
+def _site_with_mask(tmp_path, **config):
+    """A site on 8 generated images, its settings (TINY plus ``config``), the agreed mask of that one
+    site, the server's initial head and the site's datalist."""
+    from shpeft_monai.agreement import agree_mask, combine_candidates, site_candidates
+    from shpeft_monai.fl.partition import site_datalists
+    from shpeft_monai.fl.task import Settings, SiteBundle, base_network
+    from shpeft_monai.model import eligible_parameters, head_parameters
+    from shpeft_monai.scoring import task_agnostic_scores
+
+    (data,) = site_datalists(tmp_path / "data", 1, train_per_site=8, val_per_site=6)
+    s = Settings.from_config(TINY, {"dataset": str(data), **config})
+    cfg = s.shpeft()
+    base = base_network(s)
+    head0 = {n: p.detach().numpy().copy() for n, p in head_parameters(base, cfg).items()}
+    site = SiteBundle(s, tmp_path / "work")
+    c = site.calibrate(head0)
+    idx, sc = site_candidates(c["scores"], 40)
+    ta = task_agnostic_scores(eligible_parameters(base, cfg), cfg.agnostic_estimator)
+    mask = agree_mask(cfg, combine_candidates([(idx, sc, 8)], c["n_eligible"], cfg), ta, c["fingerprint"])
+    return site, mask, head0, data
+
+
 def test_site_trains_through_the_bundle_and_a_kept_workflow_equals_a_new_one(tmp_path):
     from shpeft_monai.agreement import agree_mask, combine_candidates, site_candidates
     from shpeft_monai.fl import task
@@ -75,24 +97,11 @@ def test_a_site_can_continue_its_optimizer_moments_across_rounds(tmp_path):
     """keep-optimizer-state: round r loads the AdamW moments the site saved after round r - 1 (a
     few KB per round, per mask), so a rebuilt workflow still trains like a kept one, and the moments
     change what round 2 does."""
-    from shpeft_monai.agreement import agree_mask, combine_candidates, site_candidates
     from shpeft_monai.fl import task
-    from shpeft_monai.fl.partition import site_datalists
-    from shpeft_monai.fl.task import Settings, SiteBundle, base_network
-    from shpeft_monai.model import eligible_parameters, head_parameters
-    from shpeft_monai.scoring import task_agnostic_scores
+    from shpeft_monai.fl.task import Settings, SiteBundle
 
-    (data,) = site_datalists(tmp_path / "data", 1, train_per_site=8, val_per_site=6)
-    kept = Settings.from_config(TINY, {"dataset": str(data), "keep-optimizer-state": "true"})
-    assert kept.keep_optimizer_state
-    cfg = kept.shpeft()
-    base = base_network(kept)
-    head0 = {n: p.detach().numpy().copy() for n, p in head_parameters(base, cfg).items()}
-    site = SiteBundle(kept, tmp_path / "work")
-    c = site.calibrate(head0)
-    idx, sc = site_candidates(c["scores"], 40)
-    ta = task_agnostic_scores(eligible_parameters(base, cfg), cfg.agnostic_estimator)
-    mask = agree_mask(cfg, combine_candidates([(idx, sc, 8)], c["n_eligible"], cfg), ta, c["fingerprint"])
+    site, mask, head0, data = _site_with_mask(tmp_path, **{"keep-optimizer-state": "true"})
+    assert site.s.keep_optimizer_state
 
     v1, h1, _, _ = site.train(mask, np.zeros(mask.k, np.float32), head0, server_round=1)
     files = sorted((tmp_path / "work" / "optimizer").iterdir())
@@ -114,24 +123,11 @@ def test_local_batch_size_changes_only_the_rounds_training_batch(tmp_path):
     """local-batch-size: a round trains at the site's batch (more steps per epoch, the schedule
     spanning them), by default the bundle's batch / min-nodes; calibration and the references keep
     the bundle's batch."""
-    from shpeft_monai.agreement import agree_mask, combine_candidates, site_candidates
     from shpeft_monai.fl import task
-    from shpeft_monai.fl.partition import site_datalists
-    from shpeft_monai.fl.task import Settings, SiteBundle, base_network
-    from shpeft_monai.model import eligible_parameters, head_parameters
-    from shpeft_monai.scoring import task_agnostic_scores
+    from shpeft_monai.fl.task import Settings, SiteBundle
 
-    (data,) = site_datalists(tmp_path / "data", 1, train_per_site=8, val_per_site=6)
-    s = Settings.from_config(TINY, {"dataset": str(data), "local-batch-size": "2"})
-    assert s.local_batch_size == 2
-    cfg = s.shpeft()
-    base = base_network(s)
-    head0 = {n: p.detach().numpy().copy() for n, p in head_parameters(base, cfg).items()}
-    site = SiteBundle(s, tmp_path / "work")
-    c = site.calibrate(head0)
-    idx, sc = site_candidates(c["scores"], 40)
-    ta = task_agnostic_scores(eligible_parameters(base, cfg), cfg.agnostic_estimator)
-    mask = agree_mask(cfg, combine_candidates([(idx, sc, 8)], c["n_eligible"], cfg), ta, c["fingerprint"])
+    site, mask, head0, data = _site_with_mask(tmp_path, **{"local-batch-size": "2"})
+    assert site.s.local_batch_size == 2
 
     task._ROUNDS.clear()
     site.train(mask, np.zeros(mask.k, np.float32), head0, server_round=1)
