@@ -703,3 +703,23 @@ def test_initial_head_is_the_weighted_mean_of_the_sites_warmed_heads():
     assert [(r["phase"], r["node"]) for r in s.rejected] == [("candidates", 3)]
     assert "expected float (2, 8)" in s.rejected[0]["reason"]
     np.testing.assert_allclose(s.initial_head["2.weight"], np.full((2, 8), (10 * 1 + 30 * 4) / 40))
+
+
+def test_simulation_report_settings_name_no_folder_of_the_machine(tmp_path, monkeypatch):
+    """Paths under the working directory become relative in the simulation's report (it is copied
+    into benchmarks/results); other paths and values stay as they are."""
+    from shpeft_monai.fl.simulate import _portable
+
+    monkeypatch.chdir(tmp_path)
+    settings = {
+        "dataset": str(tmp_path / "runs" / "fed" / "sites" / "site{partition}.json"),
+        "out": "runs/fed",
+        "checkpoint": "/elsewhere/weights.safetensors",
+        "seed": 0,
+    }
+    assert _portable(settings) == {
+        "dataset": "runs/fed/sites/site{partition}.json",
+        "out": "runs/fed",
+        "checkpoint": "/elsewhere/weights.safetensors",
+        "seed": 0,
+    }

@@ -140,6 +140,19 @@ def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _portable(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings with paths under the working directory made relative to it, so that a report copied
+    into the repository names no folder of the machine it ran on."""
+    cwd = Path.cwd()
+
+    def rel(value: Any) -> Any:
+        if isinstance(value, str) and os.path.isabs(value) and Path(value).is_relative_to(cwd):
+            return str(Path(value).relative_to(cwd))
+        return value
+
+    return {k: rel(v) for k, v in settings.items()}
+
+
 def _run_federated_isolated(argv: list[str]) -> None:
     """Run the Flower simulation in its own session and end that whole process group afterwards:
     Ray's actor processes can outlive ``run_simulation`` (orphaned, still spinning) otherwise."""
@@ -292,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not fed_json.is_file():
         raise SystemExit(f"the federated run did not finish: {fed_json} is missing (see the log above)")
     fed = json.loads(fed_json.read_text())
+    fed["settings"] = _portable(fed.get("settings", {}))
 
     import torch
 
