@@ -45,20 +45,28 @@ def _slices(v: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         yield start, v[start : start + _SLICE]
 
 
-def _in_bins(scores: Mapping[str, torch.Tensor], lo: int, hi: int, size: int) -> torch.Tensor:
-    """Every entry whose high bits lie in ``[lo, hi)``, in tensor and position order (``size`` of them,
-    known from the histogram), gathered into one buffer allocated once."""
-    out = torch.empty(size)
-    at = 0
-    for n in scores:
-        for _, v in _slices(_flat(scores, n)):
-            h = _bits_hi(v)
-            sel = v[(h >= lo) & (h < hi)]
-            out[at : at + sel.numel()] = sel
-            at += sel.numel()
+def _in_bins(
+    scores: Mapping[str, torch.Tensor], names: list[str], lo: int, hi: int, size: int, positions: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every entry whose high bits lie in ``[lo, hi)`` (tensors in ``names`` order, ascending by
+    position; ``size`` of them, known from the histogram), and with ``positions`` their global
+    positions, gathered slice by slice into buffers allocated once."""
+    values = torch.empty(size)
+    where = torch.empty(size, dtype=torch.int64) if positions else None
+    at = off = 0
+    for n in names:
+        v = _flat(scores, n)
+        for start, part in _slices(v):
+            h = _bits_hi(part)
+            idx = torch.nonzero((h >= lo) & (h < hi)).squeeze(1)
+            values[at : at + idx.numel()] = part[idx]
+            if where is not None:
+                where[at : at + idx.numel()] = idx + (off + start)
+            at += idx.numel()
+        off += v.numel()
     if at != size:
         raise RuntimeError("scores changed between two reads; selection needs deterministic scores.")
-    return out
+    return values, where
 
 
 def _histogram(scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -123,7 +131,8 @@ class DenseRanks:
         self.query_ranks = torch.zeros(q.numel(), dtype=torch.int64)
         distinct = 0
         for lo, hi in groups:
-            u = torch.unique(_in_bins(scores, lo, hi, int(self.hist[lo:hi].sum())))
+            values, _ = _in_bins(scores, list(scores), lo, hi, int(self.hist[lo:hi].sum()))
+            u = torch.unique(values)
             if q.numel():
                 in_chunk = (q_bits >= lo) & (q_bits < hi)
                 self.query_ranks[in_chunk] = distinct + torch.searchsorted(u, q[in_chunk])
@@ -160,19 +169,7 @@ def _tail(
     from_top = torch.flip(torch.cumsum(torch.flip(hist, (0,)), 0), (0,))
     ok = torch.nonzero(from_top >= m).squeeze(1)
     b0 = int(ok[-1]) if ok.numel() else 0
-    size = int(hist[b0:].sum())
-    values, positions = torch.empty(size), torch.empty(size, dtype=torch.int64)
-    at, off = 0, 0
-    for n in names:
-        v = _flat(scores, n)
-        for start, part in _slices(v):
-            idx = torch.nonzero(_bits_hi(part) >= b0).squeeze(1)
-            values[at : at + idx.numel()] = part[idx]
-            positions[at : at + idx.numel()] = idx + (off + start)
-            at += idx.numel()
-        off += v.numel()
-    if at != size:
-        raise RuntimeError("scores changed between two reads; selection needs deterministic scores.")
+    values, positions = _in_bins(scores, names, b0, _BINS, int(hist[b0:].sum()), positions=True)
     u = torch.unique(values)
     below = distinct - int(u.numel())
     ranks = below + torch.searchsorted(u, values)
