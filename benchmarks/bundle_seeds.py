@@ -10,11 +10,14 @@ never files (:mod:`benchmarks.stats`).
     python -m benchmarks.bundle_seeds run --seeds 0-4 --methods shpeft,full_finetune,random_mask,linear_probe
     python -m benchmarks.bundle_seeds run --seeds 0-2 --ablations rho,estimator,calibration_loss
     python -m benchmarks.bundle_seeds report       # -> benchmarks/results/bundle_seeds.{json,md}
+    python -m benchmarks.bundle_seeds report --keep  # also the runs that report recorded earlier
 
 Ablation points (``--ablations``, the points of :func:`benchmarks.suite.config.ablation_specs`) are
 SH-PEFT runs with ``shpeft#...`` overrides, named by their label (``lam=0.25``); a point equal to the
 bundle's own SH-PEFT settings is the ``shpeft`` run itself and is not trained twice.
 A finished run (its ``eval/metrics.json`` exists) is skipped, so the command resumes after a stop.
+The report records each run's per-file correctness, so ``report --keep`` pools runs made in separate
+sittings (run folders are not kept) into one set of intervals.
 """
 
 from __future__ import annotations
@@ -145,49 +148,96 @@ def _validation(out: Path, best_epoch: int | None) -> dict[str, float | None]:
     return {"val_auc": row.get("val_auc"), "val_balanced_accuracy": row.get("val_balanced_accuracy")}
 
 
-def collect(out_root: Path) -> dict[str, Any]:
-    """Per method: seeds, per-seed metrics and the (seeds x files) correctness matrix on one test split."""
+def collect(out_root: Path, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per method: seeds, per-seed metrics and the (seeds x files) correctness matrix on one test split.
+
+    ``previous`` (an earlier report's JSON, ``report --keep``) adds the runs it recorded that
+    ``out_root`` lacks, so seeds measured in separate sittings pool into one report; it is refused
+    unless it scored the same test split of the same data with the same network and size."""
     found: dict[str, dict[int, Path]] = {}
-    for d in sorted(out_root.iterdir()):
+    for d in sorted(out_root.iterdir()) if out_root.is_dir() else []:
         if d.is_dir() and (d / "eval" / METRICS_FILE).is_file():
             method, _, seed = d.name.rpartition("_s")
             found.setdefault(method, {})[int(seed)] = d
-    table: dict[str, Any] = {}
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
     images_ref: list[str] | None = None
-    for method, runs in found.items():
-        rows, correct, metrics = [], [], []
-        for seed in sorted(runs):
-            out = runs[seed]
+    groups: list[Any] = []
+    for method, dirs in found.items():
+        for seed, out in sorted(dirs.items()):
             preds = list(csv.DictReader((out / "eval" / PREDICTIONS_FILE).open()))
             images = [p["image"] for p in preds]
             if images_ref is None:
                 images_ref, groups = images, _groups(out, images)
             if images != images_ref:
                 raise ValueError(f"{out}: scored another test split than the other runs")
-            correct.append([p["label"] == p["prediction"] for p in preds])
             m = json.loads((out / "eval" / METRICS_FILE).read_text())
             wall = (
                 json.loads((out / "wall.json").read_text())["seconds"]
                 if (out / "wall.json").is_file()
                 else None
             )
-            metrics.append({k: m.get(k) for k in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")})
-            rows.append(
-                {
-                    "seed": seed,
-                    **metrics[-1],
-                    **_validation(out, m.get("best_epoch")),
-                    "best_epoch": m.get("best_epoch"),
-                    "selection_seconds": m.get("selection_seconds"),
-                    "artefact_bytes": m.get("artefact_bytes"),
-                    "seconds": wall,
-                }
+            runs.setdefault(method, {})[seed] = {
+                "seed": seed,
+                **{k: m.get(k) for k in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc")},
+                **_validation(out, m.get("best_epoch")),
+                "best_epoch": m.get("best_epoch"),
+                "selection_seconds": m.get("selection_seconds"),
+                "artefact_bytes": m.get("artefact_bytes"),
+                "seconds": wall,
+                "correct": "".join("1" if p["label"] == p["prediction"] else "0" for p in preds),
+            }
+    setting: dict[str, Any] = {}
+    if found:
+        first = next(iter(next(iter(found.values())).values()))
+        run = json.loads((first / RUN_FILE).read_text())
+        setting = {
+            "data": run["data"],
+            "network": run["network_name"],
+            "img_size": run["img_size"],
+            "train_images": len(json.loads((first / DATALIST_FILE).read_text())["train"]),
+        }
+    if previous is not None:
+        groups, setting = _keep(previous, runs, groups, setting)
+    if not runs:
+        raise ValueError(f"{out_root}: no finished run (eval/{METRICS_FILE}) and no earlier report to keep")
+    table = {
+        method: {
+            "seeds": sorted(by_seed),
+            "runs": [by_seed[s] for s in sorted(by_seed)],
+            "correct": np.array(
+                [[c == "1" for c in by_seed[s]["correct"]] for s in sorted(by_seed)], dtype=float
+            ),
+        }
+        for method, by_seed in runs.items()
+    }
+    return {"table": table, "groups": groups, **setting}
+
+
+_SETTING = ("network", "img_size", "train_images")
+
+
+def _keep(
+    previous: dict[str, Any],
+    runs: dict[str, dict[int, dict[str, Any]]],
+    groups: list[Any],
+    setting: dict[str, Any],
+) -> tuple[list[Any], dict[str, Any]]:
+    """Fold an earlier report's runs into ``runs`` (runs found on disk win); returns the groups and
+    setting, refusing a report made on another test split or setting."""
+    if "test_groups" not in previous:
+        raise ValueError("the earlier report has no per-file results (made before 'report --keep' existed)")
+    if setting:
+        same = previous["test_groups"] == groups and all(previous[k] == setting[k] for k in _SETTING)
+        same = same and previous["data"].get("sha256") == setting["data"].get("sha256")
+        if not same:
+            raise ValueError(
+                "the earlier report scored another test split or setting "
+                f"({', '.join(f'{k}={previous[k]}' for k in _SETTING)}); report without --keep"
             )
-        table[method] = {"seeds": sorted(runs), "runs": rows, "correct": np.asarray(correct, dtype=float)}
-    first = next(iter(next(iter(found.values())).values()))
-    run = json.loads((first / RUN_FILE).read_text())
-    train_images = len(json.loads((first / DATALIST_FILE).read_text())["train"])
-    return {"table": table, "groups": groups, "run": run, "train_images": train_images}
+    for method, m in previous["methods"].items():
+        for row in m["runs"]:
+            runs.setdefault(method, {}).setdefault(row["seed"], row)
+    return previous["test_groups"], setting or {k: previous[k] for k in ("data", *_SETTING)}
 
 
 def summarize(collected: dict[str, Any]) -> dict[str, Any]:
@@ -222,16 +272,13 @@ def summarize(collected: dict[str, Any]) -> dict[str, Any]:
             a = ref["correct"][[ref["seeds"].index(s) for s in common]]
             b = t["correct"][[t["seeds"].index(s) for s in common]]
             paired[method] = {"seeds": common, **stats.paired_difference(a, b, groups)}
-    run = collected["run"]
     return {
-        "data": run["data"],
-        "network": run["network_name"],
-        "img_size": run["img_size"],
-        "train_images": collected["train_images"],
+        **{k: collected[k] for k in ("data", *_SETTING)},
         "n_test_files": len(groups),
         "n_test_groups": len(set(groups)),
         "methods": methods,
         "paired_vs_shpeft": paired,
+        "test_groups": groups,  # with each run's ``correct`` (one 0/1 per test file): what --keep pools
     }
 
 
@@ -301,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="cpu_demo.yaml", help="base overlay ('' for train.yaml alone)")
     ap.add_argument("--dataset", default=None, help="your data (folder, CSV or datalist) instead of Br35H")
     ap.add_argument("--results", type=Path, default=RESULTS / "bundle_seeds")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="report: keep the runs recorded in the existing --results JSON that --out lacks "
+        "(seeds measured in separate sittings)",
+    )
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(OVERLAYS))
@@ -311,7 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         points = ablation_points([a for a in args.ablations.split(",") if a], args.base)
         run(args.out, methods, _seeds(args.seeds), args.base, extra, points)
         return 0
-    summary = summarize(collect(args.out))
+    previous = None
+    if args.keep:
+        path = args.results.with_suffix(".json")
+        if not path.is_file():
+            ap.error(f"--keep: no earlier report at {path}")
+        previous = json.loads(path.read_text())
+    summary = summarize(collect(args.out, previous))
     command = "python -m benchmarks.bundle_seeds run --methods <methods> --seeds <seeds> [--ablations ...]"
     args.results.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.results.with_suffix(".json"), summary)

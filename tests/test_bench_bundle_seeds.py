@@ -94,3 +94,32 @@ def test_ablation_runs_are_reported_and_paired(tmp_path) -> None:
     assert summary["methods"]["shpeft"]["runs"][0]["val_auc"] == pytest.approx(0.7)  # best val_selection
     assert summary["methods"]["lam=0.25"]["kind"] == "ablation"
     assert summary["paired_vs_shpeft"]["lam=0.25"]["per_seed"] == pytest.approx([1 / 6])
+
+
+def test_keep_pools_an_earlier_reports_runs_and_refuses_another_split(tmp_path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    _fake_run(first, "shpeft_s0", [1, 1, 1, 1, 0, 1])
+    _fake_run(first, "full_finetune_s0", [1, 0, 1, 1, 0, 1])
+    earlier = json.loads(json.dumps(bundle_seeds.summarize(bundle_seeds.collect(first))))  # as stored
+    _fake_run(second, "shpeft_s1", [1, 1, 0, 1, 1, 1])
+    _fake_run(second, "full_finetune_s1", [0, 0, 0, 1, 1, 1])
+    pooled = bundle_seeds.summarize(bundle_seeds.collect(second, earlier))
+    both = bundle_seeds.summarize(bundle_seeds.collect(second))  # without the earlier runs
+    assert pooled["methods"]["shpeft"]["seeds"] == [0, 1] and both["methods"]["shpeft"]["seeds"] == [1]
+    assert pooled["paired_vs_shpeft"]["full_finetune"]["per_seed"] == pytest.approx([1 / 6, 2 / 6])
+    expected = stats.paired_difference(
+        np.array([[1, 1, 1, 1, 0, 1], [1, 1, 0, 1, 1, 1]]),
+        np.array([[1, 0, 1, 1, 0, 1], [0, 0, 0, 1, 1, 1]]),
+        GROUPS,
+    )
+    assert pooled["paired_vs_shpeft"]["full_finetune"]["low"] == pytest.approx(expected["low"])
+    only = bundle_seeds.summarize(bundle_seeds.collect(tmp_path / "none", earlier))  # no run folder at all
+    assert only["methods"]["shpeft"]["seeds"] == [0] and only["train_images"] == 4
+
+    other = json.loads(json.dumps(earlier))
+    other["img_size"] = 224
+    with pytest.raises(ValueError, match="another test split or setting"):
+        bundle_seeds.collect(second, other)
+    old = {k: v for k, v in earlier.items() if k != "test_groups"}
+    with pytest.raises(ValueError, match="no per-file results"):
+        bundle_seeds.collect(second, old)
