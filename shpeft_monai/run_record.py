@@ -111,7 +111,11 @@ def _subsets(ds: Any, request: Mapping[str, Any]) -> dict[str, list[dict[str, An
     out = {}
     for name, records in ds.splits.items():
         n = int(sizes.get(name) or 0)
-        chosen = _data.subsample(records, n, seed=seed) if n else [dict(r) for r in records]
+        try:
+            chosen = _data.subsample(records, n, seed=seed) if n else [dict(r) for r in records]
+        except ValueError as e:  # fewer than one per class
+            option = {"train": "train_subset", "validation": "val_subset", "test": "test_subset"}[name]
+            raise RunConfigError(f"{option}={n}: {e}") from None
         out[name] = [{**r, "path": str(r["image"])} for r in chosen]
     return out
 

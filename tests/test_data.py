@@ -412,3 +412,17 @@ def test_subsample_is_stratified_seeded_subset():
     assert [e["image"] for e in small] == sorted((e["image"] for e in small), key=lambda s: int(s[:-4]))
     assert small == subsample(datalist, 40, seed=1) and small != subsample(datalist, 40, seed=2)
     assert subsample(datalist, 1000, seed=0) == datalist
+
+
+def test_subsample_keeps_a_rare_class_and_refuses_fewer_samples_than_classes():
+    datalist = [{"image": f"{i}.png", "label": 2 if i < 2 else i % 2} for i in range(100)]  # 2 rare
+    small = subsample(datalist, 10, seed=0)
+    counts = Counter(e["label"] for e in small)
+    assert len(small) == 10 and counts[2] == 1 and counts[0] + counts[1] == 9  # 0.2 rounds to 0 otherwise
+    assert subsample(datalist, 3, seed=0) and {e["label"] for e in subsample(datalist, 3, seed=0)} == {
+        0,
+        1,
+        2,
+    }
+    with pytest.raises(ValueError, match="cannot hold one sample of each of the 3 classes"):
+        subsample(datalist, 2, seed=0)

@@ -208,3 +208,18 @@ def test_bundle_error_ends_readably_with_nonzero_exit(tmp_path) -> None:
     assert any("num_classes" in line for line in tail), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "Failed to evaluate" not in proc.stderr
     assert "SHPEFT_TRACEBACK=1" in tail[-1]
+
+
+def test_a_training_subset_smaller_than_the_classes_is_refused_naming_the_option(own_run, tmp_path) -> None:
+    data, _ = own_run
+    with pytest.raises(Exception) as info:
+        _workflow(
+            [BUNDLE / "train.yaml"],
+            "training",
+            dataset=str(data),
+            output_dir=str(tmp_path),
+            **{**TINY, "train_subset": 2},
+        )
+    err = _error(info)
+    assert isinstance(err, RunConfigError) and "train_subset=2" in str(err) and "3 classes" in str(err)
+    assert not (tmp_path / "run.json").exists()  # nothing written

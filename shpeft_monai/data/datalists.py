@@ -221,7 +221,9 @@ def subsample(
 ) -> Datalist:
     """Stratified random subset of ``n`` samples (class shares kept, largest-remainder rounding).
 
-    The subset keeps the original order. ``n >= len(datalist)`` returns a copy of the whole list.
+    Every class keeps at least one sample, taken from the largest share, so a rare class is never
+    dropped silently; ``n`` below the number of classes is refused. The subset keeps the original
+    order. ``n >= len(datalist)`` returns a copy of the whole list.
 
     Example:
         >>> small = subsample(load_split()["train"], 200, seed=0)  # doctest: +SKIP
@@ -241,6 +243,14 @@ def subsample(
     )  # stable: ties keep order
     for c in by_remainder[: n - sum(quota.values())]:
         quota[c] += 1
+    if n < len(by_class):
+        raise ValueError(
+            f"subsample: a subset of {n} cannot hold one sample of each of the {len(by_class)} classes; "
+            f"ask for at least {len(by_class)} (or 0 for the whole split)"
+        )
+    for c in [c for c in by_class if quota[c] == 0]:  # a rare class: one sample from the largest share
+        quota[max(quota, key=lambda k: quota[k])] -= 1
+        quota[c] = 1
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
     for c, idx in by_class.items():
