@@ -19,6 +19,7 @@ identical to the reference path in every hybrid mode and threshold (``tests/test
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 
@@ -199,13 +200,42 @@ def _weighted_rank(ts: Mapping[str, torch.Tensor], ta: Mapping[str, torch.Tensor
     return LazyScores(shapes_of(ta), mix)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread inside the block (restored after).
+
+    The selection scans make tens of thousands of small ops (slices of 256Ki entries). With several
+    threads each op waits at a barrier for all of them, and on a busy machine one of them is often
+    descheduled: ViT-S/14 selection took 229 s on a loaded 2-core machine with 2 threads and 9.5 s
+    with one (``benchmarks/selection_cost`` measures the idle case). The masks do not depend on it.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def stream_select(
     config: SHPEFTConfig,
     k: int,
     task_specific: Mapping[str, torch.Tensor] | None,
     task_agnostic: Mapping[str, torch.Tensor],
 ) -> Picked:
-    """:func:`.selection.select_indices` (same masks), memory-bounded; scores may be :class:`LazyScores`."""
+    """:func:`.selection.select_indices` (same masks), memory-bounded; scores may be :class:`LazyScores`.
+
+    Runs on one thread (:func:`one_thread`)."""
+    with one_thread():
+        return _stream_select(config, k, task_specific, task_agnostic)
+
+
+def _stream_select(
+    config: SHPEFTConfig,
+    k: int,
+    task_specific: Mapping[str, torch.Tensor] | None,
+    task_agnostic: Mapping[str, torch.Tensor],
+) -> Picked:
     mode, thr = config.hybrid, config.threshold
     if mode in ("union", "weighted", "task_specific") and config.needs_task_data and task_specific is None:
         raise ValueError(f"hybrid={mode!r} needs task-specific scores: pass a calibration loader.")

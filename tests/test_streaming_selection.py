@@ -109,6 +109,25 @@ def test_stream_select_equals_reference_on_tied_scores(seed: int) -> None:
         assert _same(select_indices(cfg, k, ts, ta), stream_select(cfg, k, ts, lazy_ta)), (m, thr, k)
 
 
+def test_stream_select_scans_on_one_thread_and_restores_the_count() -> None:
+    ts, ta = _scores(0)
+    seen = []
+
+    def score(n: str) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return ta[n].clone()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = SHPEFTConfig(budget=60, hybrid="weighted", lam=0.5)
+        picked = stream_select(cfg, 60, ts, LazyScores({n: t.shape for n, t in ta.items()}, score))
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        assert _same(select_indices(cfg, 60, ts, ta), picked)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_dense_ranks_equal_global_rank_normalisation() -> None:
     ts, _ = _scores(0)
     ref = normalize_scores(ts, "rank")
