@@ -206,8 +206,9 @@ def one_thread() -> Iterator[None]:
 
     The selection scans make tens of thousands of small ops (slices of 256Ki entries). With several
     threads each op waits at a barrier for all of them, and on a busy machine one of them is often
-    descheduled: ViT-S/14 selection took 229 s on a loaded 2-core machine with 2 threads and 9.5 s
-    with one (``benchmarks/selection_cost`` measures the idle case). The masks do not depend on it.
+    descheduled: ViT-S/14 selection took 229 s on a loaded 2-core machine with 2 threads and 17 s
+    with one. Idle, one thread is slower (ViT-B/16 scans 58 s against 44 to 50 s; README, Selection
+    cost). The masks do not depend on it. Also a decorator.
     """
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -217,6 +218,7 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+@one_thread()
 def stream_select(
     config: SHPEFTConfig,
     k: int,
@@ -226,16 +228,6 @@ def stream_select(
     """:func:`.selection.select_indices` (same masks), memory-bounded; scores may be :class:`LazyScores`.
 
     Runs on one thread (:func:`one_thread`)."""
-    with one_thread():
-        return _stream_select(config, k, task_specific, task_agnostic)
-
-
-def _stream_select(
-    config: SHPEFTConfig,
-    k: int,
-    task_specific: Mapping[str, torch.Tensor] | None,
-    task_agnostic: Mapping[str, torch.Tensor],
-) -> Picked:
     mode, thr = config.hybrid, config.threshold
     if mode in ("union", "weighted", "task_specific") and config.needs_task_data and task_specific is None:
         raise ValueError(f"hybrid={mode!r} needs task-specific scores: pass a calibration loader.")
