@@ -59,7 +59,9 @@ def _seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",")]
 
 
-def _bundle(run_id: str, configs: list[Path], out: Path, extra: list[str]) -> None:
+def _bundle(
+    run_id: str, configs: list[Path], out: Path, extra: list[str], env: dict[str, str] | None = None
+) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -71,7 +73,7 @@ def _bundle(run_id: str, configs: list[Path], out: Path, extra: list[str]) -> No
     ]
     cmd += ["--output_dir", str(out), *extra]
     with open(out.parent / f"{out.name}.{run_id}.log", "w") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def ablation_points(names: list[str], base: str) -> dict[str, list[str]]:
@@ -184,6 +186,7 @@ def collect(out_root: Path, previous: dict[str, Any] | None = None) -> dict[str,
                 "selection_seconds": m.get("selection_seconds"),
                 "artefact_bytes": m.get("artefact_bytes"),
                 "seconds": wall,
+                "environment": m.get("trained_with"),  # float results depend on it
                 "correct": "".join("1" if p["label"] == p["prediction"] else "0" for p in preds),
             }
     setting: dict[str, Any] = {}
@@ -331,7 +334,27 @@ def render(s: dict[str, Any], command: str) -> str:
                 f"| {name} | {d['n_seeds']} | {per} | {100 * d['mean']:+.1f} ± {100 * d['sd']:.1f} | "
                 f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] | {'yes' if d['excludes_zero'] else 'no'} |"
             )
+    lines += _environments(s["methods"])
     return "\n".join(lines) + "\n"
+
+
+def _environments(methods: dict[str, Any]) -> list[str]:
+    """Which runs were trained where: the same seed trains to other weights on another CPU
+    instruction set or thread count, so runs pooled across sittings say so."""
+    where: dict[str, list[str]] = {}
+    for name, m in methods.items():
+        for r in m["runs"]:
+            env = r.get("environment")
+            key = (
+                f"{env.get('cpu')} ({env.get('cpu_capability')}), {env.get('threads')} threads, "
+                f"torch {env.get('torch')}{', ' + env['gpu'] if env.get('gpu') else ''}"
+                if env
+                else "not recorded (trained before runs recorded it)"
+            )
+            where.setdefault(key, []).append(f"{name} s{r['seed']}")
+    if not where:
+        return []
+    return ["", "Trained in:", ""] + [f"- {k}: {', '.join(v)}" for k, v in where.items()]
 
 
 def main(argv: list[str] | None = None) -> int:

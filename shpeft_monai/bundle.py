@@ -23,7 +23,7 @@ from .io import BEST_DELTA_FILE, BEST_TRAINABLE_FILE, MASK_FILE, load_delta, loa
 from .methods import prepare_method
 from .model import apply_delta, mask_summary
 from .networks import create_network
-from .run_record import RunRecord, resolve_run
+from .run_record import RunRecord, environment, resolve_run
 
 __all__ = [
     "artefact_meta",
@@ -101,8 +101,9 @@ def build_network(run: RunRecord, **kwargs: Any) -> nn.Module:
 
 
 def artefact_meta(run: RunRecord) -> dict[str, Any]:
-    """What a saved artefact carries about itself: the run's description (network, size, classes, data)."""
-    return run.describe()
+    """What a saved artefact carries about itself: the run's description (network, size, classes,
+    data) and the environment it was trained in (:func:`~shpeft_monai.run_record.environment`)."""
+    return {**run.describe(), "environment": environment()}
 
 
 def title(run: RunRecord, split: str = "test") -> str:
@@ -151,8 +152,10 @@ def run_summary(output_dir: str | Path, run: RunRecord) -> dict[str, Any]:
     }
     best = out / (BEST_DELTA_FILE if method == "shpeft" else BEST_TRAINABLE_FILE)
     if best.is_file():
+        meta = saved_meta(best)
         facts["artefact_bytes"] = best.stat().st_size
-        facts["best_epoch"] = saved_meta(best).get("epoch")
+        facts["best_epoch"] = meta.get("epoch")
+        facts["trained_with"] = meta.get("environment")
     if method == "shpeft" and best.is_file():
         delta = load_delta(best)
         facts.update(delta.summary())

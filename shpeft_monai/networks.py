@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -203,9 +204,14 @@ def _read_tensor(path: Path, key: str) -> torch.Tensor | None:
 def _resample_pos_embed_like_source(
     model: torch.nn.Module, path: Path, *, interpolation: str, antialias: bool
 ) -> None:
-    """Redo timm's position-embedding resampling the way the source model does it at run time."""
-    from timm.layers import resample_abs_pos_embed
+    """Redo timm's position-embedding resampling the way the source model does it at run time, in
+    float64 so that every machine gets the same float32 weights.
 
+    timm interpolates in float32, whose result depends on the CPU's vector instruction set: on AVX2
+    and on plain (``ATEN_CPU_CAPABILITY=default``) kernels the 112 px ViT-S/14 got different
+    ``pos_embed`` bytes, so a delta trained on one machine was refused on the other as made for
+    other base weights. float64 rounded to float32 is identical on both (tests/test_networks.py).
+    """
     target = getattr(model, "pos_embed", None)
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if not isinstance(target, torch.Tensor) or grid is None:
@@ -214,21 +220,20 @@ def _resample_pos_embed_like_source(
     if source is None or source.shape == target.shape:
         return
     prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
-    resampled = resample_abs_pos_embed(
-        source.float(),
-        new_size=list(grid),
-        num_prefix_tokens=prefix,
-        interpolation=interpolation,
-        antialias=antialias,
-    )
-    if resampled.shape != target.shape:
+    tokens, dim = source[:, prefix:].double(), source.shape[-1]
+    side = math.isqrt(tokens.shape[1])
+    new_tokens = prefix + int(grid[0]) * int(grid[1])
+    if side * side != tokens.shape[1] or (1, new_tokens, dim) != tuple(target.shape):
         logger.warning(
             "pos_embed %s does not fit %s; kept timm's resampling", tuple(source.shape), tuple(target.shape)
         )
         return
+    grid_in = tokens.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    out = torch.nn.functional.interpolate(grid_in, size=list(grid), mode=interpolation, antialias=antialias)
+    resampled = torch.cat([source[:, :prefix].double(), out.permute(0, 2, 3, 1).reshape(1, -1, dim)], 1)
     target.copy_(resampled.to(target.dtype))
     logger.info(
-        "resampled pos_embed %s -> %s (%s, antialias=%s)",
+        "resampled pos_embed %s -> %s (%s, antialias=%s, float64)",
         tuple(source.shape),
         tuple(target.shape),
         interpolation,

@@ -191,6 +191,11 @@ def write_report(
     for key, value in (extra or {}).items():
         if isinstance(value, (int, float, str)):
             lines.append(f"| {key} | {value} |")
+        elif key == "trained_with" and isinstance(value, dict):
+            lines.append(
+                f"| {key} | torch {value.get('torch')}, {value.get('cpu')} ({value.get('cpu_capability')}), "
+                f"{value.get('threads')} threads{', ' + value['gpu'] if value.get('gpu') else ''} |"
+            )
         elif key in ("trained_on", "scored") and isinstance(value, dict):
             lines.append(
                 f"| {key} | {value.get('source')} ({value.get('split', 'splits')}, sha256 {str(value.get('sha256'))[:12]}) |"

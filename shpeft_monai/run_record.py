@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from . import data as _data
 from .errors import RunConfigError
 from .io import DATALIST_FILE, RUN_FILE, write_json
 
-__all__ = ["RUN_FORMAT", "RunRecord", "datalist_sha256", "resolve_run"]
+__all__ = ["RUN_FORMAT", "RunRecord", "datalist_sha256", "environment", "resolve_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,36 @@ def datalist_sha256(datalist: Mapping[str, Any]) -> str:
         split: [[str(r["image"]), r.get("label")] for r in records] for split, records in datalist.items()
     }
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def environment() -> dict[str, Any]:
+    """Where this process computes: library versions, CPU model, the vector instruction set torch's
+    kernels use, intra-op threads, and the GPU when one is present.
+
+    Floating-point results depend on these (kernels differ by instruction set and thread count), so
+    the same seed on two machines can train to different weights; a trained artefact records them.
+    """
+    import monai
+    import timm
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    except OSError:  # not Linux
+        pass
+    env = {
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "timm": timm.__version__,
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
 
 
 @dataclass(frozen=True)

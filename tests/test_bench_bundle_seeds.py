@@ -16,7 +16,13 @@ GROUPS = [0, 0, 1, 2, 2, 3]  # near-duplicate groups of the six test files
 LABELS = ["a", "b", "a", "b", "b", "a"]
 
 
-def _fake_run(root: Path, name: str, correct: list[int], accuracy_json: float | None = None) -> None:
+ZEN = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "threads": 2, "torch": "2.14.1"}
+XEON = {**ZEN, "cpu": "Intel Xeon", "cpu_capability": "AVX512"}
+
+
+def _fake_run(
+    root: Path, name: str, correct: list[int], accuracy_json: float | None = None, env: dict | None = None
+) -> None:
     out = root / name
     (out / "eval").mkdir(parents=True)
     other = {"a": "b", "b": "a"}
@@ -25,7 +31,9 @@ def _fake_run(root: Path, name: str, correct: list[int], accuracy_json: float | 
         csv.writer(fh).writerows([["image", "label", "prediction", "prob_a", "prob_b"], *rows])
     acc = float(np.mean(correct)) if accuracy_json is None else accuracy_json
     (out / "eval" / "metrics.json").write_text(
-        json.dumps({"accuracy": acc, "balanced_accuracy": acc, "f1_macro": acc, "roc_auc": 0.9})
+        json.dumps(
+            {"accuracy": acc, "balanced_accuracy": acc, "f1_macro": acc, "roc_auc": 0.9, "trained_with": env}
+        )
     )
     test = [{"image": i, "label": 0, "group": g} for i, g in zip(IMAGES, GROUPS)]
     (out / "datalist.json").write_text(json.dumps({"train": [{"image": "t", "label": 0}] * 4, "test": test}))
@@ -98,11 +106,11 @@ def test_ablation_runs_are_reported_and_paired(tmp_path) -> None:
 
 def test_keep_pools_an_earlier_reports_runs_and_refuses_another_split(tmp_path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
-    _fake_run(first, "shpeft_s0", [1, 1, 1, 1, 0, 1])
-    _fake_run(first, "full_finetune_s0", [1, 0, 1, 1, 0, 1])
+    _fake_run(first, "shpeft_s0", [1, 1, 1, 1, 0, 1], env=XEON)
+    _fake_run(first, "full_finetune_s0", [1, 0, 1, 1, 0, 1])  # a run that did not record it
     earlier = json.loads(json.dumps(bundle_seeds.summarize(bundle_seeds.collect(first))))  # as stored
-    _fake_run(second, "shpeft_s1", [1, 1, 0, 1, 1, 1])
-    _fake_run(second, "full_finetune_s1", [0, 0, 0, 1, 1, 1])
+    _fake_run(second, "shpeft_s1", [1, 1, 0, 1, 1, 1], env=ZEN)
+    _fake_run(second, "full_finetune_s1", [0, 0, 0, 1, 1, 1], env=ZEN)
     pooled = bundle_seeds.summarize(bundle_seeds.collect(second, earlier))
     both = bundle_seeds.summarize(bundle_seeds.collect(second))  # without the earlier runs
     assert pooled["methods"]["shpeft"]["seeds"] == [0, 1] and both["methods"]["shpeft"]["seeds"] == [1]
@@ -113,6 +121,10 @@ def test_keep_pools_an_earlier_reports_runs_and_refuses_another_split(tmp_path) 
         GROUPS,
     )
     assert pooled["paired_vs_shpeft"]["full_finetune"]["low"] == pytest.approx(expected["low"])
+    text = bundle_seeds.render(pooled, "cmd")  # each run says where it was trained, kept runs too
+    assert "- Intel Xeon (AVX512), 2 threads, torch 2.14.1: shpeft s0\n" in text
+    assert "- AMD EPYC (AVX2), 2 threads, torch 2.14.1: shpeft s1, full_finetune s1\n" in text
+    assert "- not recorded (trained before runs recorded it): full_finetune s0\n" in text
     only = bundle_seeds.summarize(bundle_seeds.collect(tmp_path / "none", earlier))  # no run folder at all
     assert only["methods"]["shpeft"]["seeds"] == [0] and only["train_images"] == 4
 

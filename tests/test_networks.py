@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from safetensors.torch import load_file
 
 from shpeft_monai import networks
 from shpeft_monai._assets import cache_dir, package_dir
+from shpeft_monai.config import SHPEFTConfig
 from shpeft_monai.networks import (
     PRETRAINED,
     convert_all,
@@ -26,6 +29,7 @@ from shpeft_monai.networks import (
     feature_dim,
     preprocessing,
 )
+from shpeft_monai.parameters import backbone_fingerprint
 
 VIT = "vit_small_patch14_dinov2"
 EFFNET = "tf_efficientnet_lite0"
@@ -107,6 +111,22 @@ def test_vit_position_embedding_resampled_like_source(
     anti-aliasing), not with timm's anti-aliased default, which differs by ~22 % relative L2."""
     ref = torch.from_numpy(onnx_reference["pos"])
     torch.testing.assert_close(vit_224.pos_embed.detach(), ref, atol=1e-6, rtol=0)
+
+
+def test_base_weights_are_the_same_bytes_on_any_cpu_instruction_set(vit_checkpoint: Path) -> None:
+    """A delta is tied to its base weights by a byte hash, so the resampled position embedding must
+    not depend on the CPU: built with plain kernels (``ATEN_CPU_CAPABILITY=default``) the 112 px ViT
+    has the same backbone bytes as with this machine's vector kernels (timm's float32 resampling
+    did not: AVX2 and plain kernels differed, and the delta was refused on the other machine)."""
+    code = (
+        "from shpeft_monai.networks import create_network; from shpeft_monai.parameters import "
+        "backbone_fingerprint; from shpeft_monai.config import SHPEFTConfig; "
+        f"print(backbone_fingerprint(create_network({VIT!r}, num_classes=2, img_size=112), SHPEFTConfig()))"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    here = backbone_fingerprint(create_network(VIT, num_classes=2, img_size=112), SHPEFTConfig())
+    assert plain.stdout.strip().splitlines()[-1] == here
 
 
 def test_vit_conversion_complete(vit_checkpoint: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
@@ -72,6 +73,10 @@ def test_classes_and_data_identity_come_from_the_folder(own_run) -> None:
     delta = load_delta(out / "best_delta.safetensors")
     assert delta.meta["class_names"] == list(CLASSES)  # the artefact describes itself
     assert delta.meta["data"]["sha256"] == run["data"]["sha256"]
+    env = delta.meta["environment"]  # where it was trained: float results depend on it
+    assert (
+        env["torch"] == torch.__version__ and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    )
     assert delta.head_numel == 384 * 3 + 3
 
 
@@ -83,7 +88,9 @@ def test_evaluating_reads_everything_from_output_dir(own_run) -> None:
     assert metrics["n"] == len(test_split) and metrics["class_names"] == list(CLASSES)
     assert set(metrics["per_class"]) == set(CLASSES)
     assert metrics["scored"]["source"] == str(data) and metrics["scored"]["split"] == "test"
+    assert metrics["trained_with"] == load_delta(out / "best_delta.safetensors").meta["environment"]
     report = (out / "eval" / "report.md").read_text()
+    assert f"| trained_with | torch {torch.__version__}, " in report
     assert report.startswith("# mri (test split)") and "Br35H" not in report
     rows = list(csv.DictReader((out / "eval" / "predictions.csv").open()))  # the per-sample audit trail
     assert [r["image"] for r in rows] == [r["image"] for r in test_split]
