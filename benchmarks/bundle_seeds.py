@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import stats
+from benchmarks.common import run_bundle
 from shpeft_monai.cli import BUNDLE
 from shpeft_monai.io import DATALIST_FILE, METRICS_FILE, PREDICTIONS_FILE, RUN_FILE, write_json
 
@@ -57,23 +57,6 @@ def _seeds(text: str) -> list[int]:
         lo, hi = text.split("-")
         return list(range(int(lo), int(hi) + 1))
     return [int(s) for s in text.split(",")]
-
-
-def _bundle(
-    run_id: str, configs: list[Path], out: Path, extra: list[str], env: dict[str, str] | None = None
-) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        run_id,
-        "--config_file",
-        str([str(c) for c in configs]),
-    ]
-    cmd += ["--output_dir", str(out), *extra]
-    with open(out.parent / f"{out.name}.{run_id}.log", "w") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def ablation_points(names: list[str], base: str) -> dict[str, list[str]]:
@@ -122,8 +105,8 @@ def run(
             if overlay:
                 configs.append(BUNDLE / "overlays" / overlay)
             t0 = time.perf_counter()
-            _bundle("training", configs, out, ["--seed", str(seed), *overrides, *extra])
-            _bundle("evaluating", [BUNDLE / "train.yaml", BUNDLE / "evaluate.yaml"], out, [])
+            run_bundle("training", configs, out, ["--seed", str(seed), *overrides, *extra])
+            run_bundle("evaluating", [BUNDLE / "train.yaml", BUNDLE / "evaluate.yaml"], out, [])
             write_json(out / "wall.json", {"seconds": time.perf_counter() - t0})
             print(f"{method} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark programs: machine facts, the memory probe, JSON and number formats.
+"""Helpers shared by the benchmark programs: machine facts, the memory probe, JSON and number formats,
+the bundle run as a user runs it.
 
 Used by ``benchmarks.suite`` (accuracy) and ``benchmarks.step_cost`` (train-step cost); see
 docs/benchmarks.md. Nothing here imports the library, so ``benchmarks.stats`` and the report
@@ -29,6 +30,7 @@ __all__ = [
     "git_commit",
     "machine_facts",
     "package_version",
+    "run_bundle",
     "write_json",
 ]
 
@@ -231,3 +233,15 @@ def fmt_bytes(b: float | None) -> str:
 def fmt_ratio(x: float | None) -> str:
     """``0.5 -> '0.50x'``; ``None`` or NaN -> ``'-'``."""
     return f"{x:.2f}x" if x is not None and x == x else "-"
+
+
+def run_bundle(
+    run_id: str, configs: list[Path], out: Path, extra: list[str], env: dict[str, str] | None = None
+) -> None:
+    """``python -m monai.bundle run <run_id>`` with ``configs`` into ``out`` (a subprocess, as a user
+    runs it; ``env`` replaces its environment), logged to ``<out>.<run_id>.log`` beside it."""
+    configs_arg = str([str(c) for c in configs])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", configs_arg]
+    cmd += ["--output_dir", str(out), *extra]
+    with open(out.parent / f"{out.name}.{run_id}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.bundle_seeds import RESULTS, _bundle
+from benchmarks.common import RESULTS_DIR, run_bundle
 from shpeft_monai.cli import BUNDLE
 from shpeft_monai.io import BEST_DELTA_FILE, HISTORY_FILE, load_delta, write_json
 
@@ -45,7 +45,7 @@ def run(out_root: Path, base: str, seed: int, iterations: int) -> None:
         out = out_root / name
         if (out / BEST_DELTA_FILE).is_file():
             continue
-        _bundle("training", configs, out, extra, env={**os.environ, **env})
+        run_bundle("training", configs, out, extra, env={**os.environ, **env})
         print(f"{name}: done", flush=True)
 
 
@@ -77,7 +77,6 @@ def compare(out_root: Path) -> dict[str, Any]:
             "max_abs_diff_values": float((values - ref_values).abs().max()) if same_mask else None,
             "max_abs_diff_head": float((head - ref_head).abs().max()),
             "train_loss": history[0].get("train_loss") if history else None,
-            "k": delta.mask.k,
         }
     if not rows:
         raise ValueError(f"{out_root}: no finished variant ({BEST_DELTA_FILE})")
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="cpu_demo.yaml", help="the bundle overlay the runs use")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--iterations", type=int, default=20, help="training steps of the one epoch")
-    ap.add_argument("--results", type=Path, default=RESULTS / "reproducibility")
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR / "reproducibility")
     args = ap.parse_args(argv)
     if args.action == "run":
         run(args.out, args.base, args.seed, args.iterations)
